@@ -1,0 +1,1 @@
+"""The `mnv2` command and its subcommands."""

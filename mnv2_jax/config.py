@@ -1,0 +1,152 @@
+"""The config schema every `configs/*.py` starts from, its `key=value` argument parser and its checks.
+
+Experiment configs live in the top-level `configs/` folder and follow
+ml_collections' `get_config(arg)`; they call `base_config()` and override
+fields. `validate()` turns a bad value into one clear error before any compile.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from mnv2_jax.errors import UserError
+from mnv2_jax.models.layers import DEPTHWISE_IMPLEMENTATIONS, PADDING_MODES
+from mnv2_jax.models.mobilenet_v2 import BLOCK_STAGES, OUTPUT_STRIDES, RESIDUAL_MODES
+
+# Framework conventions: padding, BN decay/epsilon and input normalisation of each reference.
+CONVENTIONS: dict[str, dict[str, Any]] = {
+    "tf": dict(padding="same", bn_momentum=0.997, bn_epsilon=1e-3, preprocessing="inception"),
+    "torch": dict(padding="symmetric", bn_momentum=0.9, bn_epsilon=1e-5, preprocessing="imagenet"),
+}
+PREPROCESSING_MODES = ("inception", "imagenet")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(UserError):
+    """A config field holds a value outside what is allowed."""
+
+
+def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
+    """Defaults shared by every config: the authors' MobileNetV2 1.0 at 224x224 with TF conventions."""
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"convention must be one of {tuple(CONVENTIONS)}, got {convention!r}")
+    config = ml_collections.ConfigDict()
+    config.resolution = 224
+    config.seed = 0
+
+    model = config.model = ml_collections.ConfigDict()
+    model.name = "mobilenet_v2"
+    model.width = 1.0
+    model.expansion = 6.0  # stages 2-7; the first stage always uses t=1
+    model.stage_expansion = config_dict.placeholder(tuple)  # 7 values, one per stage; overrides `expansion`
+    model.num_classes = 1000
+    model.output_stride = 32
+    model.dropout_rate = 0.2
+    model.residual = "bottleneck"
+    model.nonlinear_bottleneck = False
+    model.divisible_by = 8
+    model.min_depth = 8
+    model.depthwise = "auto"
+    model.bn_group_size = config_dict.placeholder(int)
+    model.init_stddev = 0.09
+    model.dtype = "float32"
+    model.update(CONVENTIONS[convention])
+    return config
+
+
+def _parse_value(text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"expected a boolean, got {text!r}")
+        return text.lower() in ("true", "1")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return type(default)(float(text) if isinstance(default, float) else int(text))
+        except ValueError:
+            raise ConfigError(f"expected a {type(default).__name__}, got {text!r}") from None
+    return text
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """Parses a big_vision-style config argument `key=value,key=value` against typed defaults."""
+    result = ml_collections.ConfigDict(dict(defaults))
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ConfigError(f"config argument {item!r}: expected key=value with key one of {tuple(defaults)}")
+        try:
+            result[key] = _parse_value(value, defaults[key])
+        except ConfigError as e:
+            raise ConfigError(f"config argument {key}: {e}") from None
+    return result
+
+
+def _check_choice(field: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{field} must be one of {allowed}, got {value!r}")
+
+
+def _check_positive(field: str, value: Any, kind: type = int) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{field} must be a positive {kind.__name__}, got {value!r}")
+    if kind is int and not float(value).is_integer():
+        raise ConfigError(f"{field} must be a positive int, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the fields the model and commands rely on; raises `ConfigError` naming the field."""
+    model = config.model
+    _check_choice("model.name", model.name, ("mobilenet_v2",))
+    _check_positive("model.width", model.width, float)
+    expansions = model.stage_expansion if model.stage_expansion is not None else (model.expansion,)
+    if model.stage_expansion is not None and len(model.stage_expansion) != len(BLOCK_STAGES):
+        raise ConfigError(
+            f"model.stage_expansion needs {len(BLOCK_STAGES)} values (one per stage), got {len(model.stage_expansion)}"
+        )
+    for t in expansions:
+        if not isinstance(t, (int, float)) or t < 1:
+            raise ConfigError(f"model.expansion must be >= 1, got {t!r}")
+    if not isinstance(model.num_classes, int) or model.num_classes < 0:
+        raise ConfigError(f"model.num_classes must be an int >= 0 (0 = no head), got {model.num_classes!r}")
+    _check_choice("model.output_stride", model.output_stride, OUTPUT_STRIDES)
+    if not 0 <= model.dropout_rate < 1:
+        raise ConfigError(f"model.dropout_rate must be in [0, 1), got {model.dropout_rate!r}")
+    _check_choice("model.residual", model.residual, RESIDUAL_MODES)
+    _check_choice("model.padding", model.padding, PADDING_MODES)
+    _check_choice("model.depthwise", model.depthwise, ("auto", *DEPTHWISE_IMPLEMENTATIONS))
+    _check_choice("model.preprocessing", model.preprocessing, PREPROCESSING_MODES)
+    _check_choice("model.dtype", model.dtype, DTYPES)
+    _check_positive("model.divisible_by", model.divisible_by)
+    _check_positive("model.min_depth", model.min_depth)
+    if not 0 <= model.bn_momentum < 1:
+        raise ConfigError(f"model.bn_momentum must be in [0, 1), got {model.bn_momentum!r}")
+    _check_positive("model.bn_epsilon", model.bn_epsilon, float)
+    if model.bn_group_size is not None:
+        _check_positive("model.bn_group_size", model.bn_group_size)
+    _check_positive("resolution", config.resolution)
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A JSON-safe plain dict of the config (tuples become lists)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def from_dict(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Rebuilds a config saved with `to_dict`, on top of `base_config()` so new fields get defaults."""
+    config = base_config()
+
+    def merge(target: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+        for key, value in values.items():
+            if isinstance(value, Mapping) and key in target and isinstance(target[key], ml_collections.ConfigDict):
+                merge(target[key], value)
+            else:
+                with target.ignore_type():
+                    target[key] = tuple(value) if isinstance(value, list) else value
+
+    merge(config, data)
+    return config

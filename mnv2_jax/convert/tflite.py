@@ -1,0 +1,131 @@
+"""Import a MobileNetV2 TFLite classifier (float or quantized) into our Flax variables.
+
+TFLite models carry batch norm folded into each convolution's weights and
+bias. We dequantize every weight (`(q - zero_point) * scale`, per tensor or per
+channel), transpose the kernels to Flax's HWIO layout and load each conv with
+an identity batch norm (scale 1, bias = folded bias, mean 0, var = 1 - eps).
+Convolutions are matched to our layers in execution order, and each pairing is
+checked by kind and shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+
+from mnv2_jax.convert import ConversionError
+from mnv2_jax.models.complexity import layer_rows, subtree
+
+TFLITE_MAGIC = b"TFL3"
+_CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+@dataclasses.dataclass
+class TFLiteConv:
+    op: str
+    name: str
+    kernel: np.ndarray  # TFLite layout: OHWI (conv), 1HWC (depthwise) or (out, in) (fully connected)
+    bias: np.ndarray
+
+
+def check_is_tflite(path: str) -> None:
+    with open(path, "rb") as f:
+        header = f.read(8)
+    if header[4:8] != TFLITE_MAGIC:
+        raise ConversionError(f"{path} is not a TFLite model (no 'TFL3' flatbuffer identifier)")
+
+
+def _dequantize(interpreter, details: dict[int, dict], index: int, producers: dict[int, dict]) -> np.ndarray:
+    if index in producers and producers[index]["op_name"] == "DEQUANTIZE":  # e.g. float16 weights
+        return _dequantize(interpreter, details, producers[index]["inputs"][0], producers)
+    data = interpreter.get_tensor(index)
+    quant = details[index].get("quantization_parameters") or {}
+    scales = np.asarray(quant.get("scales", []), np.float64)
+    if data.dtype in (np.float32, np.float16, np.float64) or scales.size == 0:
+        return data.astype(np.float32)
+    zero_points = np.asarray(quant.get("zero_points", np.zeros_like(scales)), np.float64)
+    shape = [1] * data.ndim
+    if scales.size > 1:
+        shape[quant.get("quantized_dimension", 0)] = scales.size
+    return ((data.astype(np.float64) - zero_points.reshape(shape)) * scales.reshape(shape)).astype(np.float32)
+
+
+def read_convolutions(path: str) -> list[TFLiteConv]:
+    """The float weights and biases of every CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED op, in graph order."""
+    check_is_tflite(path)
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(
+        model_path=path, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    )
+    interpreter.allocate_tensors()
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()  # noqa: SLF001 (the only op-level API of the interpreter)
+    producers = {out: op for op in ops for out in op["outputs"]}
+    convs = []
+    for op in ops:
+        if op["op_name"] not in _CONV_OPS:
+            continue
+        weights, bias = op["inputs"][1], op["inputs"][2]
+        convs.append(
+            TFLiteConv(
+                op["op_name"],
+                details[weights]["name"],
+                _dequantize(interpreter, details, weights, producers),
+                _dequantize(interpreter, details, bias, producers),
+            )
+        )
+    return convs
+
+
+def _to_flax_kernel(conv: TFLiteConv, kind: str) -> np.ndarray:
+    if conv.op == "FULLY_CONNECTED":
+        return conv.kernel.T
+    if kind == "dense":  # 1x1 conv logits (OHWI with H = W = 1) -> (in, out)
+        return conv.kernel.reshape(conv.kernel.shape[0], -1).T
+    if kind == "depthwise":  # 1HWC -> HW1C
+        return conv.kernel.transpose(1, 2, 0, 3)
+    return conv.kernel.transpose(1, 2, 3, 0)  # OHWI -> HWIO
+
+
+def variables_from_tflite(path: str, model: nn.Module, resolution: int, bn_epsilon: float) -> dict[str, Any]:
+    """Flax `{'params', 'batch_stats'}` for `model` holding the TFLite model's weights."""
+    convs = read_convolutions(path)
+    rows, abstract = layer_rows(model, (1, resolution, resolution, 3))
+    if len(convs) != len(rows):
+        raise ConversionError(
+            f"{path} has {len(convs)} convolution/dense ops but the configured model has {len(rows)} layers; "
+            "check model.width, model.expansion and model.num_classes"
+        )
+    params = _zeros_like(abstract["params"])
+    batch_stats = _zeros_like(abstract["batch_stats"])
+    expected_op = {"conv": ("CONV_2D",), "depthwise": ("DEPTHWISE_CONV_2D",), "dense": ("CONV_2D", "FULLY_CONNECTED")}
+    for row, conv in zip(rows, convs, strict=True):
+        if conv.op not in expected_op[row.kind]:
+            raise ConversionError(f"layer {row.name} ({row.kind}) meets TFLite op {conv.op} ({conv.name})")
+        path_keys = row.name.split("/")
+        layer = subtree(params, path_keys)
+        kernel = _to_flax_kernel(conv, row.kind)
+        if kernel.shape != layer["kernel"].shape:
+            raise ConversionError(
+                f"layer {row.name}: TFLite weights {conv.name} have shape {kernel.shape} "
+                f"(as Flax layout), the model expects {layer['kernel'].shape}"
+            )
+        layer["kernel"] = kernel
+        if row.kind == "dense":
+            layer["bias"] = conv.bias
+            continue
+        bn, stats = layer["BatchNorm"], subtree(batch_stats, path_keys)["BatchNorm"]
+        bn["scale"] = np.ones_like(conv.bias)
+        bn["bias"] = conv.bias
+        stats["mean"] = np.zeros_like(conv.bias)
+        stats["var"] = np.full_like(conv.bias, 1.0 - bn_epsilon)
+    return {"params": params, "batch_stats": batch_stats}
+
+
+def _zeros_like(tree: dict) -> dict:
+    return {k: _zeros_like(v) if isinstance(v, dict) else np.zeros(v.shape, v.dtype) for k, v in tree.items()}
+

@@ -1,0 +1,218 @@
+"""Building blocks shared by the MobileNetV2 backbone and the task heads.
+
+Parameter names follow TF-slim so that weight converters are a rename plus a
+transpose: a conv unit holds `kernel` and a `BatchNorm` submodule with
+`scale`/`bias` params and `mean`/`var` batch statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+DepthwiseFn = Callable[[jax.Array, jax.Array, tuple[int, int], Padding, tuple[int, int]], jax.Array]
+
+PADDING_MODES = ("same", "symmetric")
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Rounds a channel count as the authors' code does.
+
+    Nearest multiple of `divisor`, at least `min_value` (default `divisor`), and
+    never more than 10% below `value`.
+    """
+    min_value = divisor if min_value is None else min_value
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return int(rounded)
+
+
+def conv_padding(size: int, kernel: int, stride: int, dilation: int, mode: str) -> tuple[int, int]:
+    """Padding (before, after) of one spatial dimension.
+
+    `same` is TensorFlow's rule (extra pixel after, so even inputs get (0, 1) at
+    stride 2); `symmetric` pads `dilation * (kernel - 1) // 2` on both sides as
+    PyTorch/torchvision do. Both give `ceil(size / stride)` outputs for odd kernels.
+    """
+    effective = (kernel - 1) * dilation + 1
+    if mode == "same":
+        out = -(-size // stride)
+        total = max((out - 1) * stride + effective - size, 0)
+        return total // 2, total - total // 2
+    if mode == "symmetric":
+        pad = (effective - 1) // 2
+        return pad, pad
+    raise ValueError(f"padding must be one of {PADDING_MODES}, got {mode!r}")
+
+
+def depthwise_grouped(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, dilation: tuple[int, int]
+) -> jax.Array:
+    """Depthwise convolution as XLA's grouped convolution (one group per channel)."""
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=strides,
+        padding=padding,
+        rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )
+
+
+def depthwise_shifted(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, dilation: tuple[int, int]
+) -> jax.Array:
+    """Depthwise convolution as a sum of kh*kw shifted, strided slices times a per-channel weight.
+
+    Numerically the same operation as `depthwise_grouped`; XLA fuses it into one
+    loop, which is much faster than its grouped convolution on CPU.
+    """
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    kh, kw = kernel.shape[:2]
+    (sh, sw), (dh, dw) = strides, dilation
+    n, h, w, c = x.shape
+    out_h = (h - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w - dw * (kw - 1) - 1) // sw + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            start = (0, i * dh, j * dw, 0)
+            limit = (n, i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1, c)
+            term = lax.slice(x, start, limit, (1, sh, sw, 1)) * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+DEPTHWISE_IMPLEMENTATIONS: dict[str, DepthwiseFn] = {
+    "grouped": depthwise_grouped,
+    "shifted": depthwise_shifted,
+}
+
+
+def resolve_depthwise(name: str, backend: str | None = None) -> DepthwiseFn:
+    """Returns the depthwise implementation; `auto` picks the fastest measured one per backend."""
+    if name == "auto":
+        backend = backend or jax.default_backend()
+        name = "shifted" if backend == "cpu" else "grouped"
+    try:
+        return DEPTHWISE_IMPLEMENTATIONS[name]
+    except KeyError:
+        allowed = ("auto", *DEPTHWISE_IMPLEMENTATIONS)
+        raise ValueError(f"model.depthwise must be one of {allowed}, got {name!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Conventions:
+    """Framework conventions that change numerics: padding, BN constants, depthwise kernel, dtype."""
+
+    padding: str = "same"
+    bn_momentum: float = 0.997
+    bn_epsilon: float = 1e-3
+    bn_group_size: int | None = None
+    depthwise: str = "auto"
+    init_stddev: float = 0.09
+    dtype: jnp.dtype = jnp.float32
+
+
+def relu6(x: jax.Array) -> jax.Array:
+    return jnp.clip(x, 0, 6)
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation with global or per-group ("ghost") statistics.
+
+    `group_size=None` normalises over the whole (possibly sharded) batch; an
+    integer normalises each consecutive group of that many examples on its own,
+    as TPU per-core BN does. Statistics are computed in float32.
+    """
+
+    momentum: float
+    epsilon: float
+    group_size: int | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        if not train:
+            mean, var = ra_mean.value, ra_var.value
+            multiplier = scale * lax.rsqrt(var + self.epsilon)
+            return (x * multiplier.astype(self.dtype) + (bias - mean * multiplier).astype(self.dtype)).astype(
+                self.dtype
+            )
+
+        xf = x.astype(jnp.float32)
+        batch = x.shape[0]
+        groups = 1
+        if self.group_size is not None and self.group_size < batch:
+            if batch % self.group_size:
+                raise ValueError(f"batch size {batch} is not divisible by model.bn_group_size={self.group_size}")
+            groups = batch // self.group_size
+        xg = xf.reshape((groups, batch // groups) + x.shape[1:])
+        axes = tuple(range(1, xg.ndim - 1))
+        mean = jnp.mean(xg, axes, keepdims=True)
+        var = jnp.maximum(jnp.mean(jnp.square(xg), axes, keepdims=True) - jnp.square(mean), 0.0)
+        if not self.is_initializing():
+            decay = self.momentum
+            ra_mean.value = decay * ra_mean.value + (1 - decay) * jnp.mean(mean, axis=tuple(range(xg.ndim - 1)))
+            ra_var.value = decay * ra_var.value + (1 - decay) * jnp.mean(var, axis=tuple(range(xg.ndim - 1)))
+        multiplier = scale * lax.rsqrt(var + self.epsilon)
+        y = (xg - mean) * multiplier + bias
+        return y.reshape(x.shape).astype(self.dtype)
+
+
+class ConvBN(nn.Module):
+    """Convolution (regular or depthwise, no bias) + BatchNorm + optional activation.
+
+    The kernel is HWIO: `(k, k, in, out)` for a regular conv and `(k, k, 1, C)`
+    for a depthwise one (the TF/Flax layout of a grouped convolution).
+    """
+
+    features: int
+    conventions: Conventions
+    kernel_size: int = 1
+    stride: int = 1
+    dilation: int = 1
+    depthwise: bool = False
+    activation: Callable[[jax.Array], jax.Array] | None = relu6
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv = self.conventions
+        k, in_features = self.kernel_size, x.shape[-1]
+        if self.depthwise and self.features != in_features:
+            raise ValueError(f"depthwise conv needs features == input channels, got {self.features} vs {in_features}")
+        kernel_shape = (k, k, 1 if self.depthwise else in_features, self.features)
+        init = nn.initializers.truncated_normal(conv.init_stddev)
+        kernel = self.param("kernel", init, kernel_shape, jnp.float32).astype(conv.dtype)
+        x = x.astype(conv.dtype)
+        padding = tuple(
+            conv_padding(size, k, self.stride, self.dilation, conv.padding) for size in x.shape[1:3]
+        )
+        strides, dilation = (self.stride, self.stride), (self.dilation, self.dilation)
+        if self.depthwise:
+            y = resolve_depthwise(conv.depthwise)(x, kernel, strides, padding, dilation)
+        else:
+            y = lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=strides,
+                padding=padding,
+                rhs_dilation=dilation,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+        y = BatchNorm(conv.bn_momentum, conv.bn_epsilon, conv.bn_group_size, conv.dtype, name="BatchNorm")(y, train)
+        return self.activation(y) if self.activation is not None else y
+

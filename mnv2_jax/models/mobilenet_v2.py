@@ -1,0 +1,221 @@
+"""MobileNetV2 (Sandler et al., 2018) as in the authors' TF-slim code.
+
+Layer table, channel rounding, output-stride rewriting and endpoint names follow
+`research/slim/nets/mobilenet/` (see `shared/reference/mobilenet_v2.md`). The
+model returns `(logits, endpoints)`; with `num_classes=0` it is the backbone and
+returns the last feature map instead of logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mnv2_jax.models.layers import Conventions, ConvBN, make_divisible, relu6
+
+# (expansion t, output channels c, repeats n, first stride s) of paper Table 2.
+BLOCK_STAGES: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+STEM_FEATURES = 32
+LAST_FEATURES = 1280
+RESIDUAL_MODES = ("bottleneck", "expansion", "none")
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One of the 19 spec ops: `layer_1` (stem), `layer_2..18` (blocks), `layer_19` (last 1x1 conv)."""
+
+    endpoint: str
+    scope: str
+    in_features: int
+    out_features: int
+    expanded_features: int | None  # None for plain convs; == in_features when the block has no expansion
+    stride: int
+    dilation: int
+
+    @property
+    def has_expansion(self) -> bool:
+        return self.expanded_features is not None and self.expanded_features > self.in_features
+
+    @property
+    def residual(self) -> bool:
+        return self.expanded_features is not None and self.stride == 1 and self.in_features == self.out_features
+
+
+def stage_expansions(expansion: float | Sequence[float]) -> tuple[float, ...]:
+    """Expansion factor per stage: a global value applies to every stage but the first (t=1)."""
+    if isinstance(expansion, (int, float)):
+        return (1,) + (expansion,) * (len(BLOCK_STAGES) - 1)
+    expansion = tuple(expansion)
+    if len(expansion) != len(BLOCK_STAGES):
+        raise ValueError(
+            f"model.expansion per stage needs {len(BLOCK_STAGES)} values (one per stage), got {len(expansion)}"
+        )
+    return expansion
+
+
+def layer_specs(
+    width: float = 1.0,
+    expansion: float | Sequence[float] = 6,
+    output_stride: int = 32,
+    divisible_by: int = 8,
+    min_depth: int = 8,
+    in_features: int = 3,
+) -> list[LayerSpec]:
+    """The backbone's layer table for a width multiplier, expansion ratio(s) and output stride.
+
+    Widths follow slim's `depth_multiplier` (the last conv stays 1280 below
+    width 1.0); expansions are `make_divisible(in * t, 8)` of the already scaled
+    input. Once the running stride reaches `output_stride`, later strides become
+    1 and their depthwise convs are dilated instead (atrous rewriting).
+    """
+
+    def depth(channels: float) -> int:
+        return make_divisible(channels * width, divisible_by, min_depth)
+
+    current_stride, rate = 1, 1
+
+    def place(stride: int) -> tuple[int, int]:
+        nonlocal current_stride, rate
+        if current_stride == output_stride:
+            layer_stride, layer_rate = 1, rate
+            rate *= stride
+        else:
+            layer_stride, layer_rate = stride, 1
+            current_stride *= stride
+        return layer_stride, layer_rate
+
+    specs = []
+    stem = depth(STEM_FEATURES)
+    stride, dilation = place(2)
+    specs.append(LayerSpec("layer_1", "Conv", in_features, stem, None, stride, dilation))
+    features, block = stem, 0
+    for t, (_, c, n, s) in zip(stage_expansions(expansion), BLOCK_STAGES, strict=True):
+        out = depth(c)
+        for i in range(n):
+            stride, dilation = place(s if i == 0 else 1)
+            expanded = features if t == 1 else make_divisible(features * t, 8)
+            scope = "expanded_conv" if block == 0 else f"expanded_conv_{block}"
+            specs.append(LayerSpec(f"layer_{len(specs) + 1}", scope, features, out, expanded, stride, dilation))
+            features, block = out, block + 1
+    last = make_divisible(LAST_FEATURES * max(1.0, width), divisible_by, min_depth)
+    specs.append(LayerSpec(f"layer_{len(specs) + 1}", "Conv_1", features, last, None, 1, 1))
+    return specs
+
+
+class InvertedResidual(nn.Module):
+    """[1x1 expand -> BN -> ReLU6] -> 3x3 depthwise -> BN -> ReLU6 -> 1x1 project -> BN (+ residual).
+
+    `expansion_shortcut`, when given, is added to this block's expanded tensor
+    (the paper's "shortcut between expansions" ablation).
+    """
+
+    spec: LayerSpec
+    conventions: Conventions
+    residual: str = "bottleneck"
+    nonlinear_bottleneck: bool = False
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, train: bool, expansion_shortcut: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        spec, conv = self.spec, self.conventions
+        endpoints = {}
+        inputs = x
+        if spec.has_expansion:
+            x = ConvBN(spec.expanded_features, conv, name="expand")(x, train)
+            if expansion_shortcut is not None:
+                x = x + expansion_shortcut
+            endpoints["expansion_output"] = x
+        x = ConvBN(
+            spec.expanded_features,
+            conv,
+            kernel_size=3,
+            stride=spec.stride,
+            dilation=spec.dilation,
+            depthwise=True,
+            name="depthwise",
+        )(x, train)
+        endpoints["depthwise_output"] = x
+        activation = relu6 if self.nonlinear_bottleneck else None
+        x = ConvBN(spec.out_features, conv, activation=activation, name="project")(x, train)
+        if self.residual == "bottleneck" and spec.residual:
+            x = x + inputs
+        return x, endpoints
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 classifier or backbone (`num_classes=0`).
+
+    Returns `(logits, endpoints)` where endpoints hold `layer_1` ... `layer_19`,
+    `layer_N/expansion_output`, `layer_N/depthwise_output`, and for a classifier
+    `pre_logits` (pooled features) and `logits`. Without a head the first
+    element is the last feature map (`layer_19`).
+    """
+
+    width: float = 1.0
+    expansion: float | tuple[float, ...] = 6.0
+    num_classes: int = 1000
+    output_stride: int = 32
+    dropout_rate: float = 0.2
+    residual: str = "bottleneck"
+    nonlinear_bottleneck: bool = False
+    divisible_by: int = 8
+    min_depth: int = 8
+    conventions: Conventions = Conventions()
+
+    def specs(self, in_features: int = 3) -> list[LayerSpec]:
+        return layer_specs(
+            self.width, self.expansion, self.output_stride, self.divisible_by, self.min_depth, in_features
+        )
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        if self.residual not in RESIDUAL_MODES:
+            raise ValueError(f"model.residual must be one of {RESIDUAL_MODES}, got {self.residual!r}")
+        conv = self.conventions
+        endpoints: dict[str, jax.Array] = {}
+        x = images
+        pending_shortcut = None  # expanded tensor carried to the next block ("expansion" residuals)
+        for spec in self.specs(images.shape[-1]):
+            if spec.expanded_features is None:
+                kernel = 3 if spec.endpoint == "layer_1" else 1
+                x = ConvBN(spec.out_features, conv, kernel, spec.stride, spec.dilation, name=spec.scope)(x, train)
+                pending_shortcut = None
+            else:
+                block = InvertedResidual(spec, conv, self.residual, self.nonlinear_bottleneck, name=spec.scope)
+                shortcut = pending_shortcut if spec.has_expansion else None
+                if shortcut is not None and shortcut.shape[-1] != spec.expanded_features:
+                    shortcut = None
+                x, block_endpoints = block(x, train, shortcut)
+                endpoints.update({f"{spec.endpoint}/{k}": v for k, v in block_endpoints.items()})
+                has_shortcut = self.residual == "expansion" and spec.residual and spec.has_expansion
+                pending_shortcut = block_endpoints["expansion_output"] if has_shortcut else None
+            endpoints[spec.endpoint] = x
+        if not self.num_classes:
+            return x, endpoints
+
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        endpoints["pre_logits"] = pooled
+        pooled = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
+        logits = nn.Dense(
+            self.num_classes,
+            dtype=conv.dtype,
+            kernel_init=nn.initializers.truncated_normal(conv.init_stddev),
+            name="Logits",
+        )(pooled)
+        logits = logits.astype(jnp.float32)
+        endpoints["logits"] = logits
+        return logits, endpoints

@@ -1,0 +1,129 @@
+"""Checkpoints in a workdir, through orbax's `CheckpointManager`.
+
+Layout: `<workdir>/checkpoints/<step>/` with one item per part of the state
+(`params`, `batch_stats`, and during training the optimizer state and more)
+plus the run's `config` as JSON. Restores take abstract targets built from the
+config, so arrays land with the current shardings and shape mismatches are
+reported by layer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mnv2_jax import config as config_lib
+from mnv2_jax.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_ITEM = "config"
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing or does not fit the model it is restored into."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def manager(
+    workdir: str, items: tuple[str, ...] = ("params", "batch_stats"), options: ocp.CheckpointManagerOptions | None = None
+) -> ocp.CheckpointManager:
+    """The orbax manager of `<workdir>/checkpoints` for the named pytree items plus the config."""
+    handlers = {name: ocp.StandardCheckpointHandler() for name in items}
+    handlers[CONFIG_ITEM] = ocp.JsonCheckpointHandler()
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
+
+
+def save(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    items: Mapping[str, Any],
+    config: ml_collections.ConfigDict,
+    force: bool = False,
+) -> bool:
+    """Saves the named pytrees and the config at `step` (asynchronously when the manager is async)."""
+    args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+    args[CONFIG_ITEM] = ocp.args.JsonSave(config_lib.to_dict(config))
+    return mngr.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def latest_step(workdir: str) -> int | None:
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return None
+    with manager(workdir, items=()) as mngr:
+        return mngr.latest_step()
+
+
+def _resolve_step(mngr: ocp.CheckpointManager, workdir: str, step: int | None) -> int:
+    steps = mngr.all_steps()
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}")
+    if step is None:
+        return max(steps)
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; available: {sorted(steps)}")
+    return step
+
+
+def restore_config(workdir: str, step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
+    """The step and config stored with a checkpoint (the latest one by default)."""
+    with manager(workdir, items=()) as mngr:
+        step = _resolve_step(mngr, workdir, step)
+        restored = mngr.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
+    return step, config_lib.from_dict(restored[CONFIG_ITEM])
+
+
+def _shape_mismatches(target: Any, saved: Any) -> list[str]:
+    target_leaves = dict(jax.tree_util.tree_leaves_with_path(target))
+    saved_leaves = dict(jax.tree_util.tree_leaves_with_path(saved))
+    problems = []
+    for path in sorted(set(target_leaves) | set(saved_leaves), key=jax.tree_util.keystr):
+        name = jax.tree_util.keystr(path)
+        if path not in saved_leaves:
+            problems.append(f"{name}: missing in checkpoint")
+        elif path not in target_leaves:
+            problems.append(f"{name}: in checkpoint but not in the model")
+        elif tuple(target_leaves[path].shape) != tuple(saved_leaves[path].shape):
+            problems.append(
+                f"{name}: checkpoint {tuple(saved_leaves[path].shape)} vs model {tuple(target_leaves[path].shape)}"
+            )
+    return problems
+
+
+def restore(workdir: str, targets: Mapping[str, Any], step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """Restores the named items onto abstract `targets` (pytrees of `jax.ShapeDtypeStruct` with shardings).
+
+    Raises `CheckpointError` listing every leaf whose shape or presence differs
+    from the target, before reading any array.
+    """
+    with manager(workdir, items=tuple(targets)) as mngr:
+        step = _resolve_step(mngr, workdir, step)
+        metadata = mngr.item_metadata(step)
+        problems = []
+        for name, target in targets.items():
+            saved = metadata[name] if name in metadata.keys() else None
+            if saved is None:
+                problems.append(f"{name}: not in checkpoint")
+                continue
+            problems += [f"{name}{p}" for p in _shape_mismatches(target, saved)]
+        if problems:
+            raise CheckpointError(
+                f"checkpoint step {step} in {checkpoint_dir(workdir)} does not match the config:\n  "
+                + "\n  ".join(problems)
+            )
+        args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
+        restored = mngr.restore(step, args=ocp.args.Composite(**args))
+    return step, {name: restored[name] for name in targets}
+
+
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """`jax.ShapeDtypeStruct`s of `tree`'s leaves with one sharding for all (e.g. replicated)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)

@@ -12,9 +12,7 @@ from mnv2_jax.config import base_config, parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(
-        arg, width=1.0, resolution=224, expansion=6.0, output_stride=32, num_classes=1000, convention="tf"
-    )
+    arg = parse_arg(arg, width=1.0, resolution=224, expansion=6.0, output_stride=32, num_classes=1000, convention="tf")
     config = base_config(arg.convention)
     config.resolution = arg.resolution
     config.model.width = arg.width

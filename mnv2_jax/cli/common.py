@@ -56,7 +56,7 @@ def load_config(holder: flags.FlagHolder):
     try:
         config_lib.validate(config)
     except OSError as e:  # ml_collections loads the file lazily and reports a missing one here
-        path = config_flags.get_config_filename(holder._flagvalues[holder.name])  # noqa: SLF001
+        path = config_flags.get_config_filename(holder._flagvalues[holder.name])
         raise UsageError(f"cannot load config file {path}: {str(e).splitlines()[-1].strip()}") from None
     return config
 

@@ -19,7 +19,9 @@ FORMATS = ("tflite",)
 def write_workdir(workdir: str, variables: dict, config) -> str:
     """Saves `variables` as step 0 of an empty workdir, with `config.json` beside it."""
     if checkpoint.latest_step(workdir) is not None:
-        raise common.UsageError(f"{checkpoint.checkpoint_dir(workdir)} already holds checkpoints; use an empty --workdir")
+        raise common.UsageError(
+            f"{checkpoint.checkpoint_dir(workdir)} already holds checkpoints; use an empty --workdir"
+        )
     os.makedirs(workdir, exist_ok=True)
     with checkpoint.manager(workdir) as mngr:
         checkpoint.save(mngr, 0, variables, config)

@@ -1,6 +1,5 @@
 """Weight import and export between our Flax model and other frameworks' files."""
 
-
 from mnv2_jax.errors import UserError
 
 

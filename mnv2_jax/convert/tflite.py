@@ -63,7 +63,7 @@ def read_convolutions(path: str) -> list[TFLiteConv]:
     )
     interpreter.allocate_tensors()
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
-    ops = interpreter._get_ops_details()  # noqa: SLF001 (the only op-level API of the interpreter)
+    ops = interpreter._get_ops_details()
     producers = {out: op for op in ops for out in op["outputs"]}
     convs = []
     for op in ops:
@@ -128,4 +128,3 @@ def variables_from_tflite(path: str, model: nn.Module, resolution: int, bn_epsil
 
 def _zeros_like(tree: dict) -> dict:
     return {k: _zeros_like(v) if isinstance(v, dict) else np.zeros(v.shape, v.dtype) for k, v in tree.items()}
-

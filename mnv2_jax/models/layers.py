@@ -160,7 +160,7 @@ class BatchNorm(nn.Module):
             if batch % self.group_size:
                 raise ValueError(f"batch size {batch} is not divisible by model.bn_group_size={self.group_size}")
             groups = batch // self.group_size
-        xg = xf.reshape((groups, batch // groups) + x.shape[1:])
+        xg = xf.reshape((groups, batch // groups, *x.shape[1:]))
         axes = tuple(range(1, xg.ndim - 1))
         mean = jnp.mean(xg, axes, keepdims=True)
         var = jnp.maximum(jnp.mean(jnp.square(xg), axes, keepdims=True) - jnp.square(mean), 0.0)
@@ -198,9 +198,7 @@ class ConvBN(nn.Module):
         init = nn.initializers.truncated_normal(conv.init_stddev)
         kernel = self.param("kernel", init, kernel_shape, jnp.float32).astype(conv.dtype)
         x = x.astype(conv.dtype)
-        padding = tuple(
-            conv_padding(size, k, self.stride, self.dilation, conv.padding) for size in x.shape[1:3]
-        )
+        padding = tuple(conv_padding(size, k, self.stride, self.dilation, conv.padding) for size in x.shape[1:3])
         strides, dilation = (self.stride, self.stride), (self.dilation, self.dilation)
         if self.depthwise:
             y = resolve_depthwise(conv.depthwise)(x, kernel, strides, padding, dilation)
@@ -215,4 +213,3 @@ class ConvBN(nn.Module):
             )
         y = BatchNorm(conv.bn_momentum, conv.bn_epsilon, conv.bn_group_size, conv.dtype, name="BatchNorm")(y, train)
         return self.activation(y) if self.activation is not None else y
-

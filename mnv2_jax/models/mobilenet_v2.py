@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mnv2_jax.models.layers import Conventions, ConvBN, make_divisible, relu6
+from mnv2_jax.models.layers import ConvBN, Conventions, make_divisible, relu6
 
 # (expansion t, output channels c, repeats n, first stride s) of paper Table 2.
 BLOCK_STAGES: tuple[tuple[int, int, int, int], ...] = (

@@ -34,7 +34,9 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def manager(
-    workdir: str, items: tuple[str, ...] = ("params", "batch_stats"), options: ocp.CheckpointManagerOptions | None = None
+    workdir: str,
+    items: tuple[str, ...] = ("params", "batch_stats"),
+    options: ocp.CheckpointManagerOptions | None = None,
 ) -> ocp.CheckpointManager:
     """The orbax manager of `<workdir>/checkpoints` for the named pytree items plus the config."""
     handlers = {name: ocp.StandardCheckpointHandler() for name in items}
@@ -109,7 +111,7 @@ def restore(workdir: str, targets: Mapping[str, Any], step: int | None = None) -
         metadata = mngr.item_metadata(step)
         problems = []
         for name, target in targets.items():
-            saved = metadata[name] if name in metadata.keys() else None
+            saved = metadata.get(name, None)
             if saved is None:
                 problems.append(f"{name}: not in checkpoint")
                 continue

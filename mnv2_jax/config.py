@@ -24,7 +24,7 @@ CONVENTIONS: dict[str, dict[str, Any]] = {
     "torch": dict(padding="symmetric", bn_momentum=0.9, bn_epsilon=1e-5, preprocessing="imagenet"),
 }
 PREPROCESSING_MODES = ("inception", "imagenet")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float64")  # float64 (with JAX_ENABLE_X64=1) is for exactness tests
 
 
 class ConfigError(UserError):
@@ -44,7 +44,7 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     model.width = 1.0
     model.expansion = 6.0  # stages 2-7; the first stage always uses t=1
     model.stage_expansion = config_dict.placeholder(tuple)  # 7 values, one per stage; overrides `expansion`
-    model.num_classes = 1000
+    model.num_classes = config_dict.FieldReference(1000, field_type=int)  # None: from the dataset's labels
     model.output_stride = 32
     model.dropout_rate = 0.2
     model.residual = "bottleneck"
@@ -56,6 +56,54 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     model.init_stddev = 0.09
     model.dtype = "float32"
     model.update(CONVENTIONS[convention])
+
+    # Data: any TFDS image-classification dataset by name, or `imagefolder:<root>`.
+    config.dataset = "imagenet2012"
+    config.data_dir = config_dict.placeholder(str)  # TFDS data dir (default: TFDS's own)
+    config.train_split = "train"
+    config.eval_split = "validation"
+    data = config.data = ml_collections.ConfigDict()
+    data.area_range = (0.05, 1.0)  # slim inception_preprocessing
+    data.aspect_ratio_range = (0.75, 1.33)
+    data.min_object_covered = 0.1
+    data.flip = True
+    data.eval_crop = 0.875
+    data.shuffle_buffer = 16_384
+    data.cache = False  # cache the encoded examples in memory (small datasets)
+    data.prefetch = 0  # batches to prefetch per process (0 = autotune)
+
+    # Training length and batch. Steps per epoch, total steps and the scaled learning rate are derived
+    # from these in one place (`mnv2_jax.training.plan`), so overriding one keeps the rest consistent.
+    config.batch_size = 96  # global, over all devices of all processes (paper: 96)
+    config.eval_batch_size = 200
+    config.num_epochs = 300.0
+    config.num_train_steps = config_dict.placeholder(int)  # overrides num_epochs when set
+
+    opt = config.optimizer = ml_collections.ConfigDict()
+    opt.name = "rmsprop"
+    opt.learning_rate = 0.045  # at base_batch_size
+    opt.base_batch_size = 96
+    opt.lr_scaling = "linear"  # how the learning rate follows batch_size: linear, sqrt or none
+    opt.schedule = "exponential"  # exponential (paper), cosine or constant
+    opt.decay_rate = 0.98
+    opt.decay_epochs = 1.0  # paper: 0.98 every epoch; slim README recipe: every 2.5 epochs
+    opt.staircase = True
+    opt.warmup_epochs = 0.0
+    opt.rmsprop_decay = 0.9
+    opt.momentum = 0.9
+    opt.epsilon = 1.0  # slim's --opt_epsilon default; timm's TF-style recipes use 1e-3
+    opt.weight_decay = 4e-5  # L2 on regular conv kernels and the logits kernel only
+    opt.label_smoothing = 0.0  # slim README recipe: 0.1
+    opt.ema_decay = config_dict.placeholder(float)  # slim README recipe: 0.9999
+    opt.grad_clip_norm = config_dict.placeholder(float)
+
+    # Loop, checkpoints and logging.
+    config.log_every_steps = 100
+    config.eval_every_epochs = 1.0
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3  # the last K, plus the best by eval top-1
+    config.profile_steps = 0  # > 0: write a profile of that many steps after the first log interval
+    config.init_from = config_dict.placeholder(str)  # workdir whose latest params initialise this run
     return config
 
 
@@ -111,8 +159,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for t in expansions:
         if not isinstance(t, (int, float)) or t < 1:
             raise ConfigError(f"model.expansion must be >= 1, got {t!r}")
-    if not isinstance(model.num_classes, int) or model.num_classes < 0:
-        raise ConfigError(f"model.num_classes must be an int >= 0 (0 = no head), got {model.num_classes!r}")
+    if model.num_classes is not None and (not isinstance(model.num_classes, int) or model.num_classes < 0):
+        raise ConfigError(
+            f"model.num_classes must be an int >= 0 (0 = no head) or None (from the dataset), got {model.num_classes!r}"
+        )
     _check_choice("model.output_stride", model.output_stride, OUTPUT_STRIDES)
     if not 0 <= model.dropout_rate < 1:
         raise ConfigError(f"model.dropout_rate must be in [0, 1), got {model.dropout_rate!r}")
@@ -129,6 +179,61 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if model.bn_group_size is not None:
         _check_positive("model.bn_group_size", model.bn_group_size)
     _check_positive("resolution", config.resolution)
+    if "optimizer" in config:
+        validate_training(config)
+
+
+OPTIMIZERS = ("rmsprop", "sgd", "adamw")
+LR_SCALING = ("linear", "sqrt", "none")
+SCHEDULES = ("exponential", "cosine", "constant")
+
+
+def _check_range(field: str, value: Any, low: float, high: float, *, closed_high: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and low <= value and (value <= high if closed_high else value < high)
+    if not ok:
+        bracket = "]" if closed_high else ")"
+        raise ConfigError(f"{field} must be in [{low}, {high}{bracket}, got {value!r}")
+
+
+def _check_interval(field: str, value: Any, low: float, high: float) -> None:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and low <= value[0] <= value[1] <= high):
+        raise ConfigError(f"{field} must be a pair (lo, hi) with {low} <= lo <= hi <= {high}, got {value!r}")
+
+
+def validate_training(config: ml_collections.ConfigDict) -> None:
+    """Checks the data, optimizer and loop fields used by `mnv2 train` / `mnv2 eval`."""
+    if not isinstance(config.dataset, str) or not config.dataset:
+        raise ConfigError(f"dataset must be a TFDS name or 'imagefolder:<root>', got {config.dataset!r}")
+    for field in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        _check_positive(field, config[field])
+    _check_positive("num_epochs", config.num_epochs, float)
+    if config.num_train_steps is not None:
+        _check_positive("num_train_steps", config.num_train_steps)
+    _check_positive("eval_every_epochs", config.eval_every_epochs, float)
+    data = config.data
+    _check_interval("data.area_range", data.area_range, 0.0, 1.0)
+    _check_interval("data.aspect_ratio_range", data.aspect_ratio_range, 1e-3, 1e3)
+    _check_range("data.min_object_covered", data.min_object_covered, 0.0, 1.0, closed_high=True)
+    _check_range("data.eval_crop", data.eval_crop, 1e-6, 1.0, closed_high=True)
+    _check_positive("data.shuffle_buffer", data.shuffle_buffer)
+    opt = config.optimizer
+    _check_choice("optimizer.name", opt.name, OPTIMIZERS)
+    _check_choice("optimizer.lr_scaling", opt.lr_scaling, LR_SCALING)
+    _check_choice("optimizer.schedule", opt.schedule, SCHEDULES)
+    _check_positive("optimizer.learning_rate", opt.learning_rate, float)
+    _check_positive("optimizer.base_batch_size", opt.base_batch_size)
+    _check_range("optimizer.decay_rate", opt.decay_rate, 0.0, 1.0, closed_high=True)
+    _check_positive("optimizer.decay_epochs", opt.decay_epochs, float)
+    _check_range("optimizer.warmup_epochs", opt.warmup_epochs, 0.0, float("inf"))
+    _check_range("optimizer.rmsprop_decay", opt.rmsprop_decay, 0.0, 1.0)
+    _check_range("optimizer.momentum", opt.momentum, 0.0, 1.0)
+    _check_positive("optimizer.epsilon", opt.epsilon, float)
+    _check_range("optimizer.weight_decay", opt.weight_decay, 0.0, 1.0)
+    _check_range("optimizer.label_smoothing", opt.label_smoothing, 0.0, 1.0)
+    if opt.ema_decay is not None:
+        _check_range("optimizer.ema_decay", opt.ema_decay, 0.0, 1.0)
+    if opt.grad_clip_norm is not None:
+        _check_positive("optimizer.grad_clip_norm", opt.grad_clip_norm, float)
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -28,9 +28,8 @@ def load_classifier(
     step, config = checkpoint.restore_config(workdir, step)
     model = build_model(config.model)
     abstract = abstract_variables(model, config.resolution)
-    replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    targets = {name: checkpoint.abstract_like(abstract[name], replicated) for name in ("params", "batch_stats")}
-    _, variables = checkpoint.restore(workdir, targets, step)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    _, variables = checkpoint.restore_model_variables(workdir, abstract, device, step)
     return config, model, variables
 
 

@@ -61,6 +61,26 @@ def load_config(holder: flags.FlagHolder):
     return config
 
 
+def setup_logging() -> None:
+    """absl INFO logging to stderr (progress, metrics) for long-running commands."""
+    from absl import logging
+
+    logging.set_verbosity(logging.INFO)
+    logging.use_absl_handler()
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+        handler.addFilter(_QuietLibraries())
+
+
+class _QuietLibraries:
+    """Drops INFO chatter of libraries (orbax logs every file it writes); keeps their warnings."""
+
+    NOISY = ("/orbax/", "/jax/_src/", "/tensorflow_datasets/")
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or not any(part in record.pathname for part in self.NOISY)
+
+
 def command(fn: Callable[[list[str]], int | None]) -> Callable[[list[str]], int]:
     """Wraps a subcommand: user errors become `mnv2 <cmd>: error: ...` on stderr and exit status 2."""
 

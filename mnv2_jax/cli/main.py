@@ -10,6 +10,8 @@ COMMANDS = {
     "summary": ("mnv2_jax.cli.summary", "parameter and multiply-add counts of a config's model"),
     "import": ("mnv2_jax.cli.import_weights", "import weights from another framework into a workdir checkpoint"),
     "predict": ("mnv2_jax.cli.predict", "top-5 classes of images with a workdir's checkpoint"),
+    "train": ("mnv2_jax.cli.train", "train (and evaluate) a config; resumes from the workdir"),
+    "eval": ("mnv2_jax.cli.eval", "evaluate a workdir's checkpoint on the full eval split"),
 }
 
 

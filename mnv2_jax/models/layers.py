@@ -121,6 +121,11 @@ class Conventions:
     init_stddev: float = 0.09
     dtype: jnp.dtype = jnp.float32
 
+    @property
+    def param_dtype(self) -> jnp.dtype:
+        """Parameters and BN statistics: float32, or float64 for float64 compute (numerical tests)."""
+        return jnp.promote_types(self.dtype, jnp.float32)
+
 
 def relu6(x: jax.Array) -> jax.Array:
     return jnp.clip(x, 0, 6)
@@ -131,7 +136,8 @@ class BatchNorm(nn.Module):
 
     `group_size=None` normalises over the whole (possibly sharded) batch; an
     integer normalises each consecutive group of that many examples on its own,
-    as TPU per-core BN does. Statistics are computed in float32.
+    as TPU per-core BN does. Statistics are computed in `param_dtype` (float32
+    unless the model computes in float64).
     """
 
     momentum: float
@@ -142,10 +148,11 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        stats_dtype = jnp.promote_types(self.dtype, jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (features,), stats_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), stats_dtype)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), stats_dtype)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), stats_dtype)
         if not train:
             mean, var = ra_mean.value, ra_var.value
             multiplier = scale * lax.rsqrt(var + self.epsilon)
@@ -153,7 +160,7 @@ class BatchNorm(nn.Module):
                 self.dtype
             )
 
-        xf = x.astype(jnp.float32)
+        xf = x.astype(stats_dtype)
         batch = x.shape[0]
         groups = 1
         if self.group_size is not None and self.group_size < batch:
@@ -163,7 +170,8 @@ class BatchNorm(nn.Module):
         xg = xf.reshape((groups, batch // groups, *x.shape[1:]))
         axes = tuple(range(1, xg.ndim - 1))
         mean = jnp.mean(xg, axes, keepdims=True)
-        var = jnp.maximum(jnp.mean(jnp.square(xg), axes, keepdims=True) - jnp.square(mean), 0.0)
+        # Two passes (as tf.nn.moments): E[x^2] - E[x]^2 loses digits when |mean| >> std.
+        var = jnp.mean(jnp.square(xg - mean), axes, keepdims=True)
         if not self.is_initializing():
             decay = self.momentum
             ra_mean.value = decay * ra_mean.value + (1 - decay) * jnp.mean(mean, axis=tuple(range(xg.ndim - 1)))
@@ -196,7 +204,7 @@ class ConvBN(nn.Module):
             raise ValueError(f"depthwise conv needs features == input channels, got {self.features} vs {in_features}")
         kernel_shape = (k, k, 1 if self.depthwise else in_features, self.features)
         init = nn.initializers.truncated_normal(conv.init_stddev)
-        kernel = self.param("kernel", init, kernel_shape, jnp.float32).astype(conv.dtype)
+        kernel = self.param("kernel", init, kernel_shape, conv.param_dtype).astype(conv.dtype)
         x = x.astype(conv.dtype)
         padding = tuple(conv_padding(size, k, self.stride, self.dilation, conv.padding) for size in x.shape[1:3])
         strides, dilation = (self.stride, self.stride), (self.dilation, self.dilation)

@@ -207,15 +207,16 @@ class MobileNetV2(nn.Module):
         if not self.num_classes:
             return x, endpoints
 
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        pooled = jnp.mean(x.astype(conv.param_dtype), axis=(1, 2))
         endpoints["pre_logits"] = pooled
         pooled = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
         logits = nn.Dense(
             self.num_classes,
             dtype=conv.dtype,
+            param_dtype=conv.param_dtype,
             kernel_init=nn.initializers.truncated_normal(conv.init_stddev),
             name="Logits",
         )(pooled)
-        logits = logits.astype(jnp.float32)
+        logits = logits.astype(conv.param_dtype)
         endpoints["logits"] = logits
         return logits, endpoints

@@ -49,12 +49,19 @@ def save(
     step: int,
     items: Mapping[str, Any],
     config: ml_collections.ConfigDict,
+    metrics: Mapping[str, float] | None = None,
     force: bool = False,
 ) -> bool:
     """Saves the named pytrees and the config at `step` (asynchronously when the manager is async)."""
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     args[CONFIG_ITEM] = ocp.args.JsonSave(config_lib.to_dict(config))
-    return mngr.save(step, args=ocp.args.Composite(**args), force=force)
+    return mngr.save(step, args=ocp.args.Composite(**args), metrics=dict(metrics) if metrics else None, force=force)
+
+
+def item_names(workdir: str, step: int) -> set[str]:
+    """The items stored in checkpoint `step` (e.g. params, batch_stats, opt_state, ema_params, config)."""
+    path = os.path.join(checkpoint_dir(workdir), str(step))
+    return {name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name))}
 
 
 def latest_step(workdir: str) -> int | None:
@@ -124,6 +131,23 @@ def restore(workdir: str, targets: Mapping[str, Any], step: int | None = None) -
         args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
         restored = mngr.restore(step, args=ocp.args.Composite(**args))
     return step, {name: restored[name] for name in targets}
+
+
+def restore_model_variables(
+    workdir: str, abstract_variables: Mapping[str, Any], sharding: jax.sharding.Sharding, step: int | None = None
+) -> tuple[int, dict[str, Any]]:
+    """`{'params', 'batch_stats'}` to evaluate with: the EMA of the weights when the run kept one."""
+    if step is None:
+        step = latest_step(workdir)
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}")
+    params_item = "ema_params" if "ema_params" in item_names(workdir, step) else "params"
+    targets = {
+        params_item: abstract_like(abstract_variables["params"], sharding),
+        "batch_stats": abstract_like(abstract_variables["batch_stats"], sharding),
+    }
+    step, items = restore(workdir, targets, step)
+    return step, {"params": items[params_item], "batch_stats": items["batch_stats"]}
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:

@@ -1,0 +1,1 @@
+"""The training engine: plan (derived values), optimizer, sharded steps, loop, checkpoints, metrics."""

@@ -1,0 +1,83 @@
+"""Processes, the device mesh and shardings: one `data` axis over all devices of all processes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+# Set by `launch/local.py` (and usable by any launcher) to start a multi-process job without a cluster manager.
+COORDINATOR_ENV = "MNV2_COORDINATOR_ADDRESS"
+NUM_PROCESSES_ENV = "MNV2_NUM_PROCESSES"
+PROCESS_ID_ENV = "MNV2_PROCESS_ID"
+
+
+def maybe_initialize(timeout_s: int = 300) -> None:
+    """Calls `jax.distributed.initialize` when this is one process of several.
+
+    Explicit settings come from the MNV2_* environment variables; on TPU pods,
+    SLURM and Open MPI jobs JAX discovers them itself (`MNV2_DISTRIBUTED=1`).
+    A single process needs nothing.
+    """
+    if jax.distributed.is_initialized():
+        return
+    if COORDINATOR_ENV in os.environ:
+        jax.distributed.initialize(
+            coordinator_address=os.environ[COORDINATOR_ENV],
+            num_processes=int(os.environ[NUM_PROCESSES_ENV]),
+            process_id=int(os.environ[PROCESS_ID_ENV]),
+            initialization_timeout=timeout_s,
+        )
+    elif os.environ.get("MNV2_DISTRIBUTED") == "1":
+        jax.distributed.initialize(initialization_timeout=timeout_s)
+    logging.info(
+        "process %d of %d; %d local and %d global devices (%s)",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.default_backend(),
+    )
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def mesh_process_count(mesh: Mesh) -> int:
+    return len({d.process_index for d in mesh.devices.flat})
+
+
+def mesh_process_index(mesh: Mesh) -> int:
+    """This process's rank among the processes that own devices of `mesh`."""
+    processes = sorted({d.process_index for d in mesh.devices.flat})
+    return processes.index(jax.process_index())
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles the global batch sharded on `data` from this process's slice of it."""
+    sharding = batch_sharded(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def to_host(tree: Any) -> Any:
+    """Fully replicated (or fully addressable) arrays -> numpy, without cross-host gathers."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data) if isinstance(x, jax.Array) else x, tree)

@@ -1,0 +1,83 @@
+"""Metric writers: TensorBoard and console through clu, plus `metrics.jsonl` in the workdir.
+
+Only process 0 writes; the others get a writer that drops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+    """Appends one JSON object per `write_scalars` call: `{"step": N, "train/loss": ..., ...}`."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "a")  # noqa: SIM115 (closed in close())
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        record = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
+
+    def write_summaries(self, step, values, metadata=None) -> None: ...
+
+    def write_images(self, step, images) -> None: ...
+
+    def write_videos(self, step, videos) -> None: ...
+
+    def write_audios(self, step, audios, *, sample_rate) -> None: ...
+
+    def write_texts(self, step, texts) -> None: ...
+
+    def write_histograms(self, step, arrays, num_buckets=None) -> None: ...
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class NullWriter(JsonlWriter):
+    """Drops everything (processes other than 0)."""
+
+    def __init__(self):
+        pass
+
+    def write_scalars(self, step, scalars) -> None: ...
+
+    def write_hparams(self, hparams) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+    """TensorBoard (`<workdir>/tensorboard`), console logging and `<workdir>/metrics.jsonl` on process 0."""
+    if jax.process_index() != 0:
+        return NullWriter()
+    os.makedirs(workdir, exist_ok=True)
+    default = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), asynchronous=False)
+    return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """All records of `<workdir>/metrics.jsonl` (empty when there is none)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

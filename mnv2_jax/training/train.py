@@ -1,0 +1,297 @@
+"""The training loop and evaluation: `train_and_evaluate(config, workdir)` and `evaluate_checkpoint(workdir)`.
+
+One program for every topology: the batch is sharded over the `data` axis of a
+mesh of all devices of all processes, the train state is replicated, and each
+process feeds its own slice of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+from mnv2_jax import config as config_lib
+from mnv2_jax import inference
+from mnv2_jax.config import ConfigError
+from mnv2_jax.data import pipeline
+from mnv2_jax.models import MobileNetV2, build_model
+from mnv2_jax.training import checkpoint, distributed, metrics, optim, steps
+from mnv2_jax.training import plan as plan_lib
+
+STATE_ITEMS = ("params", "batch_stats", "opt_state", "ema_params")
+
+
+def resolve_num_classes(config: ml_collections.ConfigDict, info: pipeline.DatasetInfo) -> ml_collections.ConfigDict:
+    """A copy of the config with `model.num_classes` taken from the dataset when unset; checks it otherwise."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.model.num_classes is None:
+        config.model.num_classes = info.num_classes
+    elif config.model.num_classes != info.num_classes:
+        raise ConfigError(
+            f"model.num_classes={config.model.num_classes} but dataset {config.dataset!r} has {info.num_classes} "
+            "classes; set --config.model.num_classes=None to take it from the dataset"
+        )
+    return config
+
+
+def open_dataset(config: ml_collections.ConfigDict):
+    """The dataset's builder; process 0 prepares it (download or local files) while the others wait."""
+    if jax.process_count() == 1:
+        return pipeline.get_builder(config.dataset, config.data_dir)
+    if jax.process_index() == 0:
+        builder = pipeline.get_builder(config.dataset, config.data_dir)
+    multihost_utils.sync_global_devices("mnv2: dataset prepared")
+    if jax.process_index() != 0:
+        builder = pipeline.get_builder(config.dataset, config.data_dir, prepare=False)
+    return builder
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    policy = preservation_policy.AnyPreservationPolicy(
+        [
+            preservation_policy.LatestN(n=config.keep_checkpoints),
+            preservation_policy.BestN(
+                get_metric_fn=lambda m: m["eval/top1"], n=1, keep_checkpoints_without_metrics=False
+            ),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True)
+    return checkpoint.manager(workdir, items=STATE_ITEMS, options=options)
+
+
+def state_items(state: steps.TrainState) -> dict[str, Any]:
+    items = {"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+    if state.ema_params is not None:
+        items["ema_params"] = state.ema_params
+    return items
+
+
+def _restore_state(workdir: str, abstract: steps.TrainState, step: int) -> steps.TrainState:
+    _, items = checkpoint.restore(workdir, state_items(abstract), step)
+    return abstract.replace(step=jax.numpy.asarray(step, jax.numpy.int32), **items)
+
+
+def _initialise_from(state: steps.TrainState, source_workdir: str, sharding) -> steps.TrainState:
+    """Takes params and batch statistics (not the optimizer state) from another run's latest checkpoint."""
+    targets = {
+        "params": checkpoint.abstract_like(state.params, sharding),
+        "batch_stats": checkpoint.abstract_like(state.batch_stats, sharding),
+    }
+    step, items = checkpoint.restore(source_workdir, targets)
+    logging.info("initialised params and batch statistics from %s (step %d)", source_workdir, step)
+    ema = None if state.ema_params is None else items["params"]
+    return state.replace(params=items["params"], batch_stats=items["batch_stats"], ema_params=ema)
+
+
+def evaluate(
+    eval_step,
+    variables: dict[str, Any],
+    builder,
+    config: ml_collections.ConfigDict,
+    local_batch_size: int,
+    mesh: jax.sharding.Mesh,
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 over every example of the eval split (padding masked out)."""
+    batches, _ = pipeline.eval_batches(
+        builder,
+        config,
+        local_batch_size,
+        distributed.mesh_process_index(mesh),
+        distributed.mesh_process_count(mesh),
+    )
+    totals = None
+    for local in batches.as_numpy_iterator():
+        sums = eval_step(variables, distributed.global_batch(local, mesh))
+        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    totals = distributed.to_host(totals)
+    count = float(totals["count"])
+    return {
+        "eval/loss": float(totals["loss"]) / count,
+        "eval/top1": float(totals["top1"]) / count,
+        "eval/top5": float(totals["top5"]) / count,
+        "eval/count": count,
+    }
+
+
+def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, "config.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(config_lib.to_dict(config), f, indent=2)
+        os.replace(tmp, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The model, optimizer and compiled steps of one run on one mesh."""
+
+    model: MobileNetV2
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    create_state: Callable[[jax.Array], steps.TrainState]  # rng -> initial state
+    train_step: Callable  # (state, global batch) -> (state, metrics); donates the state
+    eval_step: Callable  # (variables, global batch) -> sums
+
+
+def jit_eval_step(model: MobileNetV2, num_classes: int, mesh: jax.sharding.Mesh) -> Callable:
+    return jax.jit(
+        steps.make_eval_step(model, num_classes),
+        in_shardings=(distributed.replicated(mesh), distributed.batch_sharded(mesh)),
+        out_shardings=distributed.replicated(mesh),
+    )
+
+
+def build_trainer(config: ml_collections.ConfigDict, plan: plan_lib.Plan, mesh: jax.sharding.Mesh) -> Trainer:
+    """Model, optimizer and the jitted train/eval steps (state replicated, batch sharded on `data`)."""
+    model = build_model(config.model)
+    tx = optim.make_optimizer(config, plan)
+    schedule = optim.learning_rate_schedule(config, plan)
+    dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+    replicated = distributed.replicated(mesh)
+    train_step = jax.jit(
+        steps.make_train_step(
+            model,
+            tx,
+            schedule,
+            config.model.num_classes,
+            config.optimizer.label_smoothing,
+            config.optimizer.ema_decay,
+            dropout_rng,
+        ),
+        in_shardings=(replicated, distributed.batch_sharded(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    create_state = functools.partial(
+        steps.create_train_state,
+        model,
+        tx,
+        resolution=config.resolution,
+        use_ema=config.optimizer.ema_decay is not None,
+    )
+    return Trainer(model, tx, schedule, create_state, train_step, jit_eval_step(model, config.model.num_classes, mesh))
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> dict[str, float]:
+    """Trains (resuming from `workdir` when it holds checkpoints), evaluates and checkpoints; returns the last eval."""
+    config_lib.validate(config)
+    mesh = distributed.make_mesh(devices)
+    process_index, process_count = distributed.mesh_process_index(mesh), distributed.mesh_process_count(mesh)
+    builder = open_dataset(config)
+    info = pipeline.dataset_info(builder)
+    num_train = pipeline.check_split(builder, config.train_split, "train_split")
+    num_eval = pipeline.check_split(builder, config.eval_split, "eval_split")
+    config = resolve_num_classes(config, info)
+    plan = plan_lib.make_plan(config, num_train, num_eval, mesh.size, process_count)
+    logging.info("plan: %s", plan)
+
+    trainer = build_trainer(config, plan, mesh)
+    replicated = distributed.replicated(mesh)
+    init_rng = jax.random.key(config.seed)
+
+    os.makedirs(workdir, exist_ok=True)
+    mngr = checkpoint_manager(workdir, config)
+    latest = mngr.latest_step()
+    if latest is not None:
+        abstract = jax.eval_shape(trainer.create_state, init_rng)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+        state = _restore_state(workdir, abstract, latest)
+        logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), latest)
+    else:
+        state = jax.jit(trainer.create_state, out_shardings=replicated)(init_rng)
+        if config.init_from:
+            state = _initialise_from(state, config.init_from, replicated)
+    start_step = int(distributed.to_host(state.step))
+
+    writer = metrics.create_writer(workdir)
+    _write_config(workdir, config)
+    if start_step == 0:
+        writer.write_hparams({k: v for k, v in config_lib.to_dict(config).items() if not isinstance(v, dict)})
+
+    train_batches = pipeline.train_iterator(
+        builder, config, plan.local_batch_size, start_step, process_index, process_count
+    )
+    hooks = []
+    if jax.process_index() == 0:
+        hooks.append(periodic_actions.ReportProgress(num_train_steps=plan.total_steps, writer=writer, every_secs=30))
+        if config.profile_steps:
+            hooks.append(
+                periodic_actions.Profile(
+                    logdir=workdir, num_profile_steps=config.profile_steps, first_profile=config.log_every_steps
+                )
+            )
+
+    last_eval: dict[str, float] = {}
+    pending: list[dict[str, jax.Array]] = []
+    logging.info("training steps %d..%d of %d", start_step + 1, plan.total_steps, plan.total_steps)
+    for step in range(start_step + 1, plan.total_steps + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            batch = distributed.global_batch(next(train_batches), mesh)
+            state, step_metrics = trainer.train_step(state, batch)
+        pending.append(step_metrics)
+        for hook in hooks:
+            hook(step)
+        if step % config.log_every_steps == 0 or step == plan.total_steps:
+            stacked = distributed.to_host(pending)
+            writer.write_scalars(step, {k: np.mean([m[k] for m in stacked]) for k in stacked[0]})
+            pending = []
+        evaluate_now = step % plan.eval_every_steps == 0 or step == plan.total_steps
+        if evaluate_now:
+            started = time.time()
+            last_eval = evaluate(
+                trainer.eval_step, state.eval_variables(), builder, config, plan.local_eval_batch_size, mesh
+            )
+            last_eval["eval/seconds"] = time.time() - started
+            writer.write_scalars(step, last_eval)
+        if evaluate_now or step % config.checkpoint_every_steps == 0:
+            checkpoint.save(
+                mngr, step, state_items(state), config, metrics=last_eval if evaluate_now else None, force=True
+            )
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.flush()
+    if jax.process_index() == 0:
+        logging.info("TensorBoard logs: %s", os.path.join(os.path.abspath(workdir), "tensorboard"))
+    return last_eval
+
+
+def evaluate_checkpoint(
+    workdir: str, step: int | None = None, devices: list[jax.Device] | None = None
+) -> tuple[int, dict[str, float]]:
+    """Evaluates a checkpoint of `workdir` (the latest by default) on its config's full eval split."""
+    step, config = checkpoint.restore_config(workdir, step)
+    mesh = distributed.make_mesh(devices)
+    builder = open_dataset(config)
+    pipeline.check_split(builder, config.eval_split, "eval_split")
+    plan_lib.make_plan(config, 1, 1, mesh.size, distributed.mesh_process_count(mesh))  # checks the batch sizes
+    model = build_model(config.model)
+    replicated = distributed.replicated(mesh)
+    abstract = inference.abstract_variables(model, config.resolution)
+    step, variables = checkpoint.restore_model_variables(workdir, abstract, replicated, step)
+    eval_step = jit_eval_step(model, config.model.num_classes, mesh)
+    local_batch = config.eval_batch_size // distributed.mesh_process_count(mesh)
+    return step, evaluate(eval_step, variables, builder, config, local_batch, mesh)
+
+
+def write_eval(workdir: str, step: int, results: dict[str, float]) -> None:
+    writer: metric_writers.MetricWriter = metrics.create_writer(workdir)
+    writer.write_scalars(step, results)
+    writer.flush()

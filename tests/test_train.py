@@ -1,0 +1,223 @@
+"""The training engine: mesh equivalence, multi-process, the `mnv2 train`/`eval` commands, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO
+from datasets import synthetic_imagefolder
+
+from mnv2_jax.training import checkpoint, metrics, train
+
+BN_MODES = [None, 8]  # global statistics; per-group ("ghost") statistics over groups of 8 (of the 16)
+
+
+def assert_same_state(a: dict, b: dict, rtol=1e-6, atol=1e-7):
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+def run_one_step(tmp_path, which, group_size, processes=1):
+    """tests/one_step.py in float64 on 8 forced CPU devices per process (several processes via launch/local.py)."""
+    out = tmp_path / f"{which}-{group_size}-{processes}.npz"
+    script = [sys.executable, str(REPO / "tests" / "one_step.py"), which, str(group_size).lower(), str(out)]
+    env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // processes}"
+    if processes > 1:
+        launcher = [sys.executable, str(REPO / "launch" / "local.py"), f"--processes={processes}", "--timeout_s=240"]
+        script = [*launcher, "--", *script]
+    result = subprocess.run(script, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return dict(np.load(out))
+
+
+@pytest.fixture(scope="module")
+def one_device_steps(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one_device")
+    return {group: run_one_step(tmp, "one", group) for group in BN_MODES}
+
+
+@pytest.mark.parametrize("group_size", BN_MODES)
+def test_one_step_on_8_devices_equals_1_device(group_size, one_device_steps, tmp_path):
+    eight = run_one_step(tmp_path, "all", group_size)
+    one = one_device_steps[group_size]
+    assert_same_state(eight, one, rtol=1e-9, atol=1e-12)
+    # The step really trained, and global vs ghost statistics really differ (so the comparison can fail).
+    assert not np.allclose(one["['batch_stats']['Conv']['BatchNorm']['mean']"], 0)
+    name = "['params']['Conv']['kernel']"
+    assert not np.allclose(one_device_steps[None][name], one_device_steps[8][name], rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group_size", BN_MODES)
+def test_two_processes_with_four_devices_each_equal_one_device(group_size, one_device_steps, tmp_path):
+    two_processes = run_one_step(tmp_path, "all", group_size, processes=2)
+    assert_same_state(two_processes, one_device_steps[group_size], rtol=1e-9, atol=1e-12)
+
+
+def small_run_config_args(dataset, **overrides):
+    args = {
+        "dataset": dataset,
+        "train_split": "train",
+        "eval_split": "test",
+        "resolution": 16,
+        "batch_size": 8,
+        "eval_batch_size": 8,
+        "num_train_steps": 6,
+        "log_every_steps": 2,
+        "checkpoint_every_steps": 2,
+        "model.width": 0.35,
+        "model.num_classes": "None",
+        "model.bn_momentum": 0.9,
+        "optimizer.schedule": "constant",
+        "optimizer.ema_decay": 0.9,
+        "eval_every_epochs": 100.0,
+    }
+    args.update(overrides)
+    return ["--config", "configs/imagenet.py"] + [f"--config.{k}={v}" for k, v in args.items()]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return synthetic_imagefolder(tmp_path_factory.mktemp("folder"), {"train": 40, "test": 13})
+
+
+@pytest.fixture(scope="module")
+def trained(folder, tmp_path_factory):
+    """`mnv2 train` for 6 steps on 8 devices (in-process), checkpointing every 2."""
+    from mnv2_jax.cli.main import main
+
+    workdir = tmp_path_factory.mktemp("run") / "workdir"
+    assert main(["mnv2", "train", "--workdir", str(workdir), *small_run_config_args(folder)]) == 0
+    return workdir
+
+
+def test_train_writes_checkpoints_metrics_and_tensorboard(trained):
+    records = metrics.read_metrics(str(trained))
+    train_records = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6]
+    assert {"train/loss", "train/top1", "train/lr", "train/grad_norm"} <= train_records[0].keys()
+    final_eval = [r for r in records if "eval/top1" in r]
+    assert [r["step"] for r in final_eval] == [6] and final_eval[0]["eval/count"] == 13
+    assert any("steps_per_sec" in r for r in records)
+    assert os.listdir(trained / "tensorboard")
+    assert checkpoint.item_names(str(trained), 6) >= {"params", "batch_stats", "opt_state", "ema_params", "config"}
+    saved = json.loads((trained / "config.json").read_text())
+    assert saved["model"]["num_classes"] == 3  # taken from the dataset
+
+
+def test_eval_command_matches_training_eval_and_works_on_one_device(mnv2, trained):
+    records = metrics.read_metrics(str(trained))
+    during_training = next(r for r in records if "eval/top1" in r)
+    status, out, err = mnv2("eval", "--workdir", trained)
+    assert status == 0, err
+    assert f"eval/top1={during_training['eval/top1']:.4f}" in out and "eval/count=13.0000" in out
+    # The checkpoint was written from an 8-device mesh; restore and evaluate it on 1 device.
+    step, one_device = train.evaluate_checkpoint(str(trained), devices=jax.devices()[:1])
+    assert step == 6 and one_device["eval/count"] == 13
+    assert one_device["eval/top1"] == pytest.approx(during_training["eval/top1"])
+    assert one_device["eval/loss"] == pytest.approx(during_training["eval/loss"], rel=1e-4)
+
+
+def final_params(workdir):
+    """The latest checkpoint's step and params (read as saved, no target tree)."""
+    import orbax.checkpoint as ocp
+
+    step = checkpoint.latest_step(str(workdir))
+    path = os.path.join(checkpoint.checkpoint_dir(str(workdir)), str(step), "params")
+    params = ocp.StandardCheckpointer().restore(path)
+    return step, {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def test_resume_continues_at_the_same_step_and_data_position(mnv2, folder, trained, tmp_path):
+    workdir = tmp_path / "resumed"
+    status, _, err = mnv2("train", "--workdir", workdir, *small_run_config_args(folder, num_train_steps=3))
+    assert status == 0, err
+    status, _, err = mnv2("train", "--workdir", workdir, *small_run_config_args(folder))  # same run, 6 steps
+    assert status == 0, err
+    steps = [r["step"] for r in metrics.read_metrics(str(workdir)) if "train/loss" in r]
+    assert steps == [2, 3, 4, 6]  # steps 4..6 after the restart, not 1..6 again
+    step, resumed = final_params(workdir)
+    _, uninterrupted = final_params(trained)
+    assert step == 6
+    assert_same_state(resumed, uninterrupted, rtol=1e-6, atol=1e-7)
+
+
+def test_restore_onto_a_different_device_count_and_continue(folder, trained, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "continued"
+    shutil.copytree(trained, workdir)
+    from mnv2_jax.cli import common
+
+    config = _load(small_run_config_args(folder, num_train_steps=8))
+    common.setup_logging()
+    results = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+    assert results["eval/count"] == 13
+    assert checkpoint.latest_step(str(workdir)) == 8
+
+
+def _load(args):
+    from configs_loader import load
+
+    return load(args[1], *args[2:])
+
+
+@pytest.mark.slow
+def test_killed_run_restarts_from_its_last_checkpoint(folder, trained, tmp_path):
+    workdir = tmp_path / "killed"
+    command = [sys.executable, "-m", "mnv2_jax.cli.main", "train", "--workdir", str(workdir)]
+    command += small_run_config_args(folder, checkpoint_every_steps=1)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (workdir / "checkpoints" / "3").exists():
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert checkpoint.latest_step(str(workdir)) < 6
+    restarted = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    step, resumed = final_params(workdir)
+    _, uninterrupted = final_params(trained)
+    assert step == 6
+    assert_same_state(resumed, uninterrupted, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_learns_another_real_dataset(mnv2, tmp_path):
+    """The quickstart config, only the dataset changed, on real handwritten digits (UCI, via scikit-learn)."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn ships the digits dataset")
+    dataset = digits_imagefolder(sklearn_datasets, tmp_path / "digits")
+    workdir = tmp_path / "run"
+    status, _, err = mnv2(
+        "train",
+        "--config",
+        "configs/quickstart.py:epochs=30",  # 1,437 training images: 30 epochs is 2% of the Fashion-MNIST run
+        "--workdir",
+        workdir,
+        f"--config.dataset={dataset}",
+    )
+    assert status == 0, err
+    final = [r for r in metrics.read_metrics(str(workdir)) if "eval/top1" in r][-1]
+    assert final["eval/count"] == 360
+    assert final["eval/top1"] > 0.8  # 10 classes: chance is 0.1
+
+
+def digits_imagefolder(sklearn_datasets, root):
+    """sklearn's 1,797 8x8 digits as PNGs: the first 1,437 for train, the last 360 for test."""
+    from datasets import write_png
+
+    digits = sklearn_datasets.load_digits()
+    images = (digits.images * (255 / 16)).round().astype(np.uint8)
+    for i, (image, label) in enumerate(zip(images, digits.target, strict=True)):
+        split = "train" if i < 1437 else "test"
+        write_png(root / split / str(label) / f"{i:04d}.png", image)
+    return f"imagefolder:{root}"

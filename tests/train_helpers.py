@@ -1,0 +1,53 @@
+"""A tiny model/config and one compiled training step, shared by the mesh-equivalence tests."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from mnv2_jax.config import base_config
+from mnv2_jax.training import distributed, plan, train
+
+BATCH = 16
+
+
+def tiny_config(bn_group_size=None):
+    config = base_config()
+    config.resolution = 32
+    # float64: in float32 one step of a deep ReLU6/BN network at init is chaotic (a 1e-7 relative change of the input
+    # moves some parameters by up to 1e-2 relative), which would hide real differences between meshes.
+    config.model.dtype = "float64"
+    config.batch_size = BATCH
+    config.eval_batch_size = BATCH
+    config.model.width = 0.35
+    config.model.num_classes = 10
+    config.model.bn_momentum = 0.9
+    config.model.bn_group_size = bn_group_size
+    config.optimizer.label_smoothing = 0.1
+    config.optimizer.ema_decay = 0.99
+    return config
+
+
+def fixed_batch(config):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (BATCH, config.resolution, config.resolution, 3))
+    labels = rng.integers(0, 10, BATCH).astype(np.int32)
+    return images, labels
+
+
+def one_step(config, mesh, local_batch):
+    """Initial state -> one train step on `mesh`, from this process's slice of the global batch."""
+    the_plan = plan.make_plan(config, 1000, 100, mesh.size, distributed.mesh_process_count(mesh))
+    trainer = train.build_trainer(config, the_plan, mesh)
+    state = jax.jit(trainer.create_state, out_shardings=distributed.replicated(mesh))(jax.random.key(config.seed))
+    state, _ = trainer.train_step(state, distributed.global_batch(local_batch, mesh))
+    return state
+
+
+def flat(state) -> dict[str, np.ndarray]:
+    """Params, EMA params and batch statistics as a flat name -> array dict."""
+    tree = {"params": state.params, "ema": state.ema_params, "batch_stats": state.batch_stats}
+    return {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(distributed.to_host(tree))
+    }

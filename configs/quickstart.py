@@ -12,7 +12,7 @@ from mnv2_jax.config import base_config, parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, epochs=4.0, width=0.35, resolution=32)
+    arg = parse_arg(arg, epochs=6.0, width=0.35, resolution=32)
     config = base_config()
     config.dataset = "fashion_mnist"
     config.train_split = "train"
@@ -22,28 +22,27 @@ def get_config(arg=None):
     model = config.model
     model.width = arg.width
     model.num_classes = None  # from the dataset
-    model.output_stride = 8  # keeps a 4x4 final map at 32x32 instead of 1x1
+    model.output_stride = 16  # a 2x2 final map at 32x32 instead of 1x1 (output stride 8: 4x4, 2.3x slower)
     model.bn_momentum = 0.9  # short runs: the moving statistics must settle within a few hundred steps
-    model.dropout_rate = 0.1
-    model.init_stddev = 0.09
+    model.dropout_rate = 0.0  # a few epochs underfit rather than overfit: little regularisation
 
-    config.data.area_range = (0.6, 1.0)
-    config.data.aspect_ratio_range = (0.8, 1.25)
+    config.data.area_range = (0.85, 1.0)
+    config.data.aspect_ratio_range = (0.9, 1.1)
     config.data.eval_crop = 1.0
     config.data.cache = True
     config.data.shuffle_buffer = 60_000
 
     config.batch_size = 128
-    config.eval_batch_size = 500
+    config.eval_batch_size = 400  # divides the 10,000 test images; divisible by 8 devices
     config.num_epochs = arg.epochs
     opt = config.optimizer
     opt.name = "adamw"
-    opt.learning_rate = 4e-3
+    opt.learning_rate = 6e-3
     opt.base_batch_size = 128
     opt.schedule = "cosine"
     opt.warmup_epochs = 0.2
-    opt.weight_decay = 5e-4
-    opt.label_smoothing = 0.1
+    opt.weight_decay = 0.01  # decoupled (AdamW): lr * 0.01 * w per step
+    opt.label_smoothing = 0.0
 
     config.log_every_steps = 50
     config.eval_every_epochs = 1.0

@@ -17,3 +17,19 @@ fi
 "$REPO/.venv/bin/python" -m pip install --quiet -e "$REPO[$EXTRAS]"
 export PATH="$REPO/.venv/bin:$PATH"
 cd "$REPO"
+
+# apt_install PACKAGE...: installs Debian packages when missing (as root, or through sudo).
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo="sudo"
+  if [ "$(id -u)" -ne 0 ] && [ -z "$sudo" ]; then
+    echo "warning: cannot install ${missing[*]} (not root, no sudo)" >&2
+    return 0
+  fi
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}

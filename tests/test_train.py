@@ -13,7 +13,11 @@ import pytest
 from conftest import REPO
 from datasets import synthetic_imagefolder
 
-from mnv2_jax.training import checkpoint, metrics, train
+from mnv2_jax import inference
+from mnv2_jax.config import base_config
+from mnv2_jax.data import pipeline
+from mnv2_jax.models import build_model
+from mnv2_jax.training import checkpoint, distributed, metrics, plan, train
 
 BN_MODES = [None, 8]  # global statistics; per-group ("ghost") statistics over groups of 8 (of the 16)
 
@@ -74,14 +78,13 @@ def small_run_config_args(dataset, **overrides):
         "log_every_steps": 2,
         "checkpoint_every_steps": 2,
         "model.width": 0.35,
-        "model.num_classes": "None",
         "model.bn_momentum": 0.9,
         "optimizer.schedule": "constant",
         "optimizer.ema_decay": 0.9,
         "eval_every_epochs": 100.0,
     }
     args.update(overrides)
-    return ["--config", "configs/imagenet.py"] + [f"--config.{k}={v}" for k, v in args.items()]
+    return ["--config", "configs/quickstart.py"] + [f"--config.{k}={v}" for k, v in args.items()]
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +224,35 @@ def digits_imagefolder(sklearn_datasets, root):
         split = "train" if i < 1437 else "test"
         write_png(root / split / str(label) / f"{i:04d}.png", image)
     return f"imagefolder:{root}"
+
+
+@pytest.mark.parametrize("devices", [1, 3, 8])
+def test_eval_counts_every_example_once_on_any_device_count(folder, trained, devices):
+    """13 eval examples, a global eval batch of 24: one padded batch, split over 1, 3 or 8 devices."""
+    reference = next(r for r in metrics.read_metrics(str(trained)) if "eval/top1" in r)
+    config = _load(small_run_config_args(folder, eval_batch_size=24))
+    config.model.num_classes = 3
+    mesh = distributed.make_mesh(jax.devices()[:devices])
+    model = build_model(config.model)
+    abstract = inference.abstract_variables(model, config.resolution)
+    _, variables = checkpoint.restore_model_variables(str(trained), abstract, distributed.replicated(mesh))
+    eval_step = train.jit_eval_step(model, 3, mesh)
+    results = train.evaluate(eval_step, variables, pipeline.get_builder(folder), config, 24, mesh)
+    assert results["eval/count"] == 13
+    assert results["eval/top1"] == pytest.approx(reference["eval/top1"])
+    assert results["eval/loss"] == pytest.approx(reference["eval/loss"], rel=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    config = base_config()
+    config.resolution, config.batch_size = 32, 8
+    config.model.width, config.model.num_classes, config.model.dtype = 0.35, 10, "bfloat16"
+    mesh = distributed.make_mesh(jax.devices()[:1])
+    trainer = train.build_trainer(config, plan.make_plan(config, 80, 8, 1, 1), mesh)
+    state = jax.jit(trainer.create_state)(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32), "label": np.arange(8, dtype=np.int32)}
+    state, step_metrics = trainer.train_step(state, distributed.global_batch(batch, mesh))
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.batch_stats)} == {np.dtype("float32")}
+    assert np.isfinite(float(step_metrics["train/loss"]))

@@ -90,12 +90,24 @@ def restore_config(workdir: str, step: int | None = None) -> tuple[int, ml_colle
     return step, config_lib.from_dict(restored[CONFIG_ITEM])
 
 
+def _leaves_by_name(tree: Any) -> dict[str, Any]:
+    """Leaves keyed by a path string that does not depend on container types (orbax metadata turns
+    namedtuples into dicts or lists)."""
+
+    def part(key) -> str:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    return {"/".join(part(k) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _shape_mismatches(target: Any, saved: Any) -> list[str]:
-    target_leaves = dict(jax.tree_util.tree_leaves_with_path(target))
-    saved_leaves = dict(jax.tree_util.tree_leaves_with_path(saved))
+    target_leaves, saved_leaves = _leaves_by_name(target), _leaves_by_name(saved)
     problems = []
-    for path in sorted(set(target_leaves) | set(saved_leaves), key=jax.tree_util.keystr):
-        name = jax.tree_util.keystr(path)
+    for path in sorted(set(target_leaves) | set(saved_leaves)):
+        name = f" {path}"
         if path not in saved_leaves:
             problems.append(f"{name}: missing in checkpoint")
         elif path not in target_leaves:

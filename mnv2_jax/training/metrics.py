@@ -17,7 +17,31 @@ from clu import metric_writers
 METRICS_FILE = "metrics.jsonl"
 
 
-class JsonlWriter(metric_writers.MetricWriter):
+class NullWriter(metric_writers.MetricWriter):
+    """Drops everything (processes other than 0); the base of `JsonlWriter`."""
+
+    def write_summaries(self, step, values, metadata=None) -> None: ...
+
+    def write_scalars(self, step, scalars) -> None: ...
+
+    def write_images(self, step, images) -> None: ...
+
+    def write_videos(self, step, videos) -> None: ...
+
+    def write_audios(self, step, audios, *, sample_rate) -> None: ...
+
+    def write_texts(self, step, texts) -> None: ...
+
+    def write_histograms(self, step, arrays, num_buckets=None) -> None: ...
+
+    def write_hparams(self, hparams) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlWriter(NullWriter):
     """Appends one JSON object per `write_scalars` call: `{"step": N, "train/loss": ..., ...}`."""
 
     def __init__(self, path: str):
@@ -31,38 +55,11 @@ class JsonlWriter(metric_writers.MetricWriter):
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         self._file.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
 
-    def write_summaries(self, step, values, metadata=None) -> None: ...
-
-    def write_images(self, step, images) -> None: ...
-
-    def write_videos(self, step, videos) -> None: ...
-
-    def write_audios(self, step, audios, *, sample_rate) -> None: ...
-
-    def write_texts(self, step, texts) -> None: ...
-
-    def write_histograms(self, step, arrays, num_buckets=None) -> None: ...
-
     def flush(self) -> None:
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
-
-
-class NullWriter(JsonlWriter):
-    """Drops everything (processes other than 0)."""
-
-    def __init__(self):
-        pass
-
-    def write_scalars(self, step, scalars) -> None: ...
-
-    def write_hparams(self, hparams) -> None: ...
-
-    def flush(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:

@@ -44,7 +44,7 @@ def resolve_num_classes(config: ml_collections.ConfigDict, info: pipeline.Datase
     elif config.model.num_classes != info.num_classes:
         raise ConfigError(
             f"model.num_classes={config.model.num_classes} but dataset {config.dataset!r} has {info.num_classes} "
-            "classes; set --config.model.num_classes=None to take it from the dataset"
+            f"classes; set --config.model.num_classes={info.num_classes} (or None in the config file: from the data)"
         )
     return config
 

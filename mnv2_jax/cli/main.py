@@ -12,6 +12,7 @@ COMMANDS = {
     "predict": ("mnv2_jax.cli.predict", "top-5 classes of images with a workdir's checkpoint"),
     "train": ("mnv2_jax.cli.train", "train (and evaluate) a config; resumes from the workdir"),
     "eval": ("mnv2_jax.cli.eval", "evaluate a workdir's checkpoint on the full eval split"),
+    "bench": ("mnv2_jax.cli.bench", "throughput, FLOPs and memory of the compiled train or inference step"),
 }
 
 

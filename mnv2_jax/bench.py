@@ -1,0 +1,165 @@
+"""Steady-state throughput of the compiled train or inference step, with XLA's cost and memory analyses.
+
+Used by `mnv2 bench`. Inputs are synthetic (the input pipeline is measured
+separately), the batch is sharded over every device, and timing starts after
+compilation and warm-up steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from mnv2_jax.data import preprocessing
+from mnv2_jax.training import distributed, train
+from mnv2_jax.training import plan as plan_lib
+
+MODES = ("train", "infer")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchResult:
+    mode: str
+    backend: str
+    devices: int
+    batch: int
+    resolution: int
+    steps: int
+    compile_s: float
+    step_ms: float | None
+    images_per_s: float | None
+    flops_per_image: float | None  # from XLA's cost analysis of the compiled step
+    achieved_tflops: float | None
+    temp_bytes: int | None  # from XLA's memory analysis
+    argument_bytes: int | None
+    output_bytes: int | None
+    mfu: float | None  # achieved / peak, when a peak is given
+
+
+def _cost_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _memory(compiled) -> dict[str, int | None]:
+    analysis = compiled.memory_analysis()
+    get = lambda name: int(getattr(analysis, name)) if analysis is not None and hasattr(analysis, name) else None
+    return {
+        "temp_bytes": get("temp_size_in_bytes"),
+        "argument_bytes": get("argument_size_in_bytes"),
+        "output_bytes": get("output_size_in_bytes"),
+    }
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    mode: str = "train",
+    batch: int | None = None,
+    steps: int = 20,
+    warmup: int = 2,
+    peak_tflops: float | None = None,
+) -> BenchResult:
+    """Compiles one step of `mode` for `config`, then times `steps` of them (0: compile and analyse only)."""
+    if mode not in MODES:
+        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+    config = ml_collections.ConfigDict(config.to_dict())
+    batch = batch or config.batch_size
+    config.batch_size = config.eval_batch_size = batch
+    if config.model.num_classes is None:
+        config.model.num_classes = 1000
+    mesh = distributed.make_mesh()
+    plan = plan_lib.make_plan(config, 100 * batch, batch, mesh.size, distributed.mesh_process_count(mesh))
+    trainer = train.build_trainer(config, plan, mesh)
+    state = jax.jit(trainer.create_state, out_shardings=distributed.replicated(mesh))(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    local = batch // distributed.mesh_process_count(mesh)
+    pixels = rng.uniform(0, 255, (local, config.resolution, config.resolution, 3)).astype(np.float32)
+    images = preprocessing.normalize(pixels, config.model.preprocessing)
+    labels = rng.integers(0, config.model.num_classes, local).astype(np.int32)
+    inputs = distributed.global_batch({"image": images, "label": labels}, mesh)
+
+    if mode == "train":
+        step_fn, args = trainer.train_step, (state, inputs)
+    else:
+        model = trainer.model
+        step_fn = jax.jit(
+            lambda variables, x: model.apply(variables, x, train=False)[0],
+            in_shardings=(distributed.replicated(mesh), distributed.batch_sharded(mesh)),
+        )
+        args = (state.eval_variables(), inputs["image"])
+
+    started = time.perf_counter()
+    compiled = step_fn.lower(*args).compile()
+    compile_s = time.perf_counter() - started
+    flops = _cost_flops(compiled)
+
+    step_ms = images_per_s = achieved = None
+    if steps > 0:
+        if mode == "train":
+            run_step = lambda state: compiled(state, inputs)
+            current = state
+            for _ in range(warmup):
+                current, metrics = run_step(current)
+            jax.block_until_ready(current)
+            started = time.perf_counter()
+            for _ in range(steps):
+                current, metrics = run_step(current)
+            jax.block_until_ready((current, metrics))
+        else:
+            out = None
+            for _ in range(warmup):
+                out = compiled(*args)
+            jax.block_until_ready(out)
+            started = time.perf_counter()
+            for _ in range(steps):
+                out = compiled(*args)
+            jax.block_until_ready(out)
+        elapsed = time.perf_counter() - started
+        step_ms = 1000 * elapsed / steps
+        images_per_s = batch * steps / elapsed
+        if flops is not None:
+            # cost_analysis counts one device's program; every device runs its own share of the batch.
+            achieved = flops * mesh.size * steps / elapsed / 1e12
+    flops_per_image = flops * mesh.size / batch if flops is not None else None
+    return BenchResult(
+        mode=mode,
+        backend=jax.default_backend(),
+        devices=mesh.size,
+        batch=batch,
+        resolution=config.resolution,
+        steps=steps,
+        compile_s=compile_s,
+        step_ms=step_ms,
+        images_per_s=images_per_s,
+        flops_per_image=flops_per_image,
+        achieved_tflops=achieved,
+        mfu=achieved / peak_tflops if achieved is not None and peak_tflops else None,
+        **_memory(compiled),
+    )
+
+
+def format_result(result: BenchResult) -> str:
+    def fmt(value: Any, unit: str = "", scale: float = 1.0, digits: int = 1) -> str:
+        return "n/a" if value is None else f"{value / scale:,.{digits}f}{unit}"
+
+    return "\n".join(
+        [
+            f"{result.mode} step on {result.devices} {result.backend} device(s), batch {result.batch}, "
+            f"{result.resolution}x{result.resolution}",
+            f"  compile            {result.compile_s:.1f} s",
+            f"  step               {fmt(result.step_ms, ' ms')}",
+            f"  throughput         {fmt(result.images_per_s, ' images/s')}",
+            f"  FLOPs per image    {fmt(result.flops_per_image, ' MFLOP', 1e6)} (XLA cost analysis)",
+            f"  achieved           {fmt(result.achieved_tflops, ' TFLOP/s', digits=3)}"
+            + (f", MFU {result.mfu:.1%}" if result.mfu is not None else ""),
+            f"  temporary memory   {fmt(result.temp_bytes, ' MiB', 2**20)} (XLA memory analysis)",
+            f"  arguments          {fmt(result.argument_bytes, ' MiB', 2**20)}",
+        ]
+    )

@@ -147,6 +147,11 @@ def eval_image(encoded: tf.Tensor, resolution: int, crop_fraction: float) -> tf.
     return preprocessing.resize(image, resolution)
 
 
+def _model_input(image: tf.Tensor, label: tf.Tensor, config: ml_collections.ConfigDict) -> dict[str, tf.Tensor]:
+    """Pixels in [0, 255] -> the model's input; labels as int32."""
+    return {"image": preprocessing.normalize(image, config.model.preprocessing), "label": tf.cast(label, tf.int32)}
+
+
 def train_iterator(
     builder: tfds.core.DatasetBuilder,
     config: ml_collections.ConfigDict,
@@ -177,10 +182,7 @@ def train_iterator(
 
     def prepare(position, ex):
         image = _train_image(ex["image"], tf.stack([tf.cast(seed, tf.int64), position]), config.resolution, data)
-        return {
-            "image": preprocessing.normalize(image, config.model.preprocessing),
-            "label": tf.cast(ex["label"], tf.int32),
-        }
+        return _model_input(image, ex["label"], config)
 
     ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(data.prefetch or tf.data.AUTOTUNE)
@@ -202,11 +204,7 @@ def eval_batches(
 
     def prepare(ex):
         image = eval_image(ex["image"], config.resolution, config.data.eval_crop)
-        return {
-            "image": preprocessing.normalize(image, config.model.preprocessing),
-            "label": tf.cast(ex["label"], tf.int32),
-            "mask": tf.constant(True),
-        }
+        return {**_model_input(image, ex["label"], config), "mask": tf.constant(True)}
 
     ds = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     padding = tf.data.Dataset.from_tensors(

@@ -38,7 +38,8 @@ def scaled_learning_rate(config: ml_collections.ConfigDict) -> float:
     return opt.learning_rate * factor
 
 
-def _check_divisible(field: str, value: int, device_count: int, process_count: int) -> None:
+def check_divisible(field: str, value: int, device_count: int, process_count: int) -> None:
+    """A global batch must split evenly over devices and processes."""
     if value % device_count or value % process_count:
         raise ConfigError(
             f"{field}={value} must be divisible by the number of devices ({device_count}) "
@@ -53,8 +54,8 @@ def make_plan(
     device_count: int,
     process_count: int,
 ) -> Plan:
-    _check_divisible("batch_size", config.batch_size, device_count, process_count)
-    _check_divisible("eval_batch_size", config.eval_batch_size, device_count, process_count)
+    check_divisible("batch_size", config.batch_size, device_count, process_count)
+    check_divisible("eval_batch_size", config.eval_batch_size, device_count, process_count)
     steps_per_epoch = num_train_examples / config.batch_size
     if config.num_train_steps is not None:
         total_steps = config.num_train_steps

@@ -281,7 +281,7 @@ def evaluate_checkpoint(
     mesh = distributed.make_mesh(devices)
     builder = open_dataset(config)
     pipeline.check_split(builder, config.eval_split, "eval_split")
-    plan_lib.make_plan(config, 1, 1, mesh.size, distributed.mesh_process_count(mesh))  # checks the batch sizes
+    plan_lib.check_divisible("eval_batch_size", config.eval_batch_size, mesh.size, distributed.mesh_process_count(mesh))
     model = build_model(config.model)
     replicated = distributed.replicated(mesh)
     abstract = inference.abstract_variables(model, config.resolution)

@@ -15,6 +15,11 @@ if [ ! -x "$REPO/.venv/bin/python" ]; then
 fi
 "$REPO/.venv/bin/python" -m pip install --quiet --upgrade pip
 "$REPO/.venv/bin/python" -m pip install --quiet -e "$REPO[$EXTRAS]"
+if [[ ",$EXTRAS," == *",export,"* || ",$EXTRAS," == *",dev,"* ]]; then
+  # ONNX export. --no-deps: jax2onnx pins orbax-checkpoint<0.11.37 but works with ours; its other
+  # requirements are in the `export` extra.
+  "$REPO/.venv/bin/python" -m pip install --quiet --no-deps "jax2onnx==0.17.1"
+fi
 export PATH="$REPO/.venv/bin:$PATH"
 cd "$REPO"
 

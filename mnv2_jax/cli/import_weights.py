@@ -1,4 +1,4 @@
-"""`mnv2 import --from tflite PATH --config CONFIG --workdir DIR`: weights from another framework -> checkpoint."""
+"""`mnv2 import --from FORMAT PATH --config CONFIG --workdir DIR`: weights from another framework -> checkpoint."""
 
 from __future__ import annotations
 
@@ -9,11 +9,8 @@ from absl import flags
 
 from mnv2_jax import config as config_lib
 from mnv2_jax.cli import common
-from mnv2_jax.convert import tflite
-from mnv2_jax.models import build_model
+from mnv2_jax.convert.importers import FORMATS, import_variables
 from mnv2_jax.training import checkpoint
-
-FORMATS = ("tflite",)
 
 
 def write_workdir(workdir: str, variables: dict, config) -> str:
@@ -41,12 +38,6 @@ def main(argv: list[str]) -> None:
     if fv["from"].value is None or fv.workdir is None or len(paths) != 1:
         raise common.UsageError(f"usage: {argv[0]} --from {{{','.join(FORMATS)}}} PATH --config CONFIG --workdir DIR")
     config = common.load_config(config_flag)
-    path = paths[0]
-    if not os.path.isfile(path):
-        raise common.UsageError(f"no such file: {path}")
-    if config.model.padding != "same":
-        raise common.UsageError("TFLite models use TF 'SAME' padding; set --config.model.padding=same")
-    model = build_model(config.model)
-    variables = tflite.variables_from_tflite(path, model, config.resolution, config.model.bn_epsilon)
+    variables = import_variables(fv["from"].value, paths[0], config)
     where = write_workdir(fv.workdir, variables, config)
-    print(f"imported {path} -> {where} (step 0)")
+    print(f"imported {paths[0]} -> {where} (step 0)")

@@ -17,6 +17,7 @@ import flax.linen as nn
 import numpy as np
 
 from mnv2_jax.convert import ConversionError
+from mnv2_jax.convert.layout import zeros_like
 from mnv2_jax.models.complexity import layer_rows, subtree
 
 TFLITE_MAGIC = b"TFL3"
@@ -100,8 +101,8 @@ def variables_from_tflite(path: str, model: nn.Module, resolution: int, bn_epsil
             f"{path} has {len(convs)} convolution/dense ops but the configured model has {len(rows)} layers; "
             "check model.width, model.expansion and model.num_classes"
         )
-    params = _zeros_like(abstract["params"])
-    batch_stats = _zeros_like(abstract["batch_stats"])
+    params = zeros_like(abstract["params"])
+    batch_stats = zeros_like(abstract["batch_stats"])
     expected_op = {"conv": ("CONV_2D",), "depthwise": ("DEPTHWISE_CONV_2D",), "dense": ("CONV_2D", "FULLY_CONNECTED")}
     for row, conv in zip(rows, convs, strict=True):
         if conv.op not in expected_op[row.kind]:
@@ -124,7 +125,3 @@ def variables_from_tflite(path: str, model: nn.Module, resolution: int, bn_epsil
         stats["mean"] = np.zeros_like(conv.bias)
         stats["var"] = np.full_like(conv.bias, 1.0 - bn_epsilon)
     return {"params": params, "batch_stats": batch_stats}
-
-
-def _zeros_like(tree: dict) -> dict:
-    return {k: _zeros_like(v) if isinstance(v, dict) else np.zeros(v.shape, v.dtype) for k, v in tree.items()}

@@ -1,0 +1,267 @@
+"""Export routes: each exported model runs in its real runtime and matches our JAX logits."""
+
+import functools
+import json
+
+import numpy as np
+import pytest
+from configs_loader import load
+from export_helpers import (
+    jax_logits,
+    random_inputs,
+    random_variables,
+    tflite_logits,
+    timm_model,
+    torch_logits,
+    torchvision_model,
+)
+
+from mnv2_jax.convert import ConversionError
+from mnv2_jax.export import routes
+
+TOLERANCE = 1e-4
+CASES = [(w, r) for w in (0.35, 1.0, 1.4) for r in (96, 128)]
+CASE_IDS = [f"w{w}-r{r}" for w, r in CASES]
+NUM_CLASSES = 10
+SUFFIX = {
+    "tflite": "model.tflite",
+    "tflite-int8": "model.int8.tflite",
+    "onnx": "model.onnx",
+    "savedmodel": "savedmodel",
+    "torch": "model.pth",
+    "safetensors": "model.safetensors",
+    "keras": "model.weights.h5",
+}
+
+
+@functools.cache
+def case(convention: str, width: float, resolution: int):
+    """Config, random weights, inputs and our logits; cached across the route tests."""
+    config = load(
+        f"configs/imagenet.py:width={width},resolution={resolution},num_classes={NUM_CLASSES},convention={convention}"
+    )
+    variables = random_variables(config)
+    images = random_inputs(config)
+    logits = jax_logits(config, variables, images)
+    assert logits.std() > 0.05, "logits too small for a meaningful 1e-4 comparison"
+    return config, variables, images, logits
+
+
+def export(tmp_path, convention, width, resolution, fmt, **options):
+    config, variables, images, logits = case(convention, width, resolution)
+    out = tmp_path / SUFFIX[fmt]
+    metadata = routes.export(config, variables, fmt, str(out), routes.ExportOptions(**options))
+    return out, images, logits, metadata
+
+
+def assert_close(actual, expected):
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("width", "resolution"), CASES, ids=CASE_IDS)
+def test_tflite_matches(tmp_path, width, resolution):
+    out, images, logits, _ = export(tmp_path, "tf", width, resolution, "tflite")
+    assert_close(tflite_logits(out, images), logits)
+
+
+@pytest.mark.parametrize(("width", "resolution"), CASES, ids=CASE_IDS)
+def test_onnx_matches_with_dynamic_batch(tmp_path, width, resolution):
+    import onnxruntime
+
+    out, images, logits, metadata = export(tmp_path, "torch", width, resolution, "onnx")
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert_close(session.run(["logits"], {"images": images})[0], logits)
+    assert_close(session.run(["logits"], {"images": images[:1]})[0], logits[:1])
+    assert metadata["input"]["shape"] == [None, resolution, resolution, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("width", "resolution"), CASES, ids=CASE_IDS)
+def test_savedmodel_matches_with_polymorphic_batch(tmp_path, width, resolution):
+    import tensorflow as tf
+
+    out, images, logits, metadata = export(tmp_path, "tf", width, resolution, "savedmodel")
+    serve = tf.saved_model.load(str(out)).signatures["serving_default"]
+    assert_close(serve(images=tf.constant(images))["logits"].numpy(), logits)
+    assert_close(serve(images=tf.constant(images[:1]))["logits"].numpy(), logits[:1])
+    assert metadata["platforms"] == ["cpu", "cuda"]
+
+
+@pytest.mark.parametrize(("width", "resolution"), CASES, ids=CASE_IDS)
+def test_torch_state_dict_loads_strictly_into_torchvision(tmp_path, width, resolution):
+    import torch
+
+    out, images, logits, metadata = export(tmp_path, "torch", width, resolution, "torch")
+    model = torchvision_model(width, NUM_CLASSES)
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    assert_close(torch_logits(model, images), logits)
+    assert metadata["layout"] == "torchvision"
+
+
+@pytest.mark.parametrize(("width", "resolution"), CASES, ids=CASE_IDS)
+def test_safetensors_load_strictly_into_timm_with_tf_conventions(tmp_path, width, resolution):
+    import torch
+    from safetensors.torch import load_file
+
+    out, images, logits, metadata = export(tmp_path, "tf", width, resolution, "safetensors")
+    assert metadata["target"].startswith("timm.create_model(")
+    model = timm_model(metadata["target"].split("'")[1], num_classes=NUM_CLASSES, pad_type="same", bn_eps=1e-3)
+    model.load_state_dict(load_file(out), strict=True)
+    assert_close(torch_logits(model, images), logits)
+    assert isinstance(model.conv_stem, torch.nn.Conv2d)
+
+
+@pytest.mark.parametrize(("width", "resolution"), CASES, ids=CASE_IDS)
+def test_keras_weights_load_into_keras_applications(tmp_path, width, resolution):
+    from mnv2_jax.convert import keras_applications
+
+    out, images, logits, _ = export(tmp_path, "tf", width, resolution, "keras")
+    model = keras_applications.build(width, resolution, NUM_CLASSES)
+    model.load_weights(str(out))
+    assert_close(np.asarray(model(images, training=False)), logits)
+
+
+def test_keras_whole_model_file(tmp_path):
+    import keras
+
+    config, variables, images, logits = case("tf", 0.35, 96)
+    out = tmp_path / "model.keras"
+    routes.export(config, variables, "keras", str(out))
+    assert_close(np.asarray(keras.models.load_model(out)(images, training=False)), logits)
+
+
+def test_tflite_graph_is_phone_friendly(tmp_path):
+    from mnv2_jax.export.tensorflow import op_counts
+
+    out, *_ = export(tmp_path, "tf", 1.0, 96, "tflite")
+    ops = op_counts(out)
+    assert ops["DEPTHWISE_CONV_2D"] == 17  # one per inverted-residual block
+    assert ops["CONV_2D"] == 35  # stem, 16 expansions, 17 projections, last conv
+    assert ops["ADD"] == 10  # the residual connections only: BN is folded into the convolutions
+    assert ops["FULLY_CONNECTED"] == 1
+    # No unfolded BN (MUL/SUB/RSQRT), no separate ReLU6 (fused), no padding or broadcast ops.
+    assert set(ops) <= {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "SUM", "MEAN", "FULLY_CONNECTED", "RESHAPE"}, ops
+
+
+def test_metadata_describes_the_export(tmp_path):
+    _, _, _, metadata = export(tmp_path, "torch", 0.35, 96, "onnx", class_names=[f"c{i}" for i in range(10)])
+    on_disk = json.loads((tmp_path / "model.onnx.metadata.json").read_text())
+    assert on_disk == json.loads(json.dumps(metadata))
+    assert on_disk["class_names"][3] == "c3"
+    assert on_disk["preprocessing"]["mode"] == "imagenet"  # the torch convention's
+    assert on_disk["config"]["model"]["width"] == 0.35
+    assert on_disk["input"]["shape"] == [None, 96, 96, 3]
+
+
+def test_export_refuses_what_the_target_cannot_hold(tmp_path):
+    config, variables, *_ = case("tf", 0.35, 96)
+    with pytest.raises(ConversionError, match=r"model.padding='same'.*model.bn_epsilon=0.001"):
+        routes.export(
+            config, variables, "torch", str(tmp_path / "m.pth"), routes.ExportOptions(torch_layout="torchvision")
+        )
+    dilated = config.copy_and_resolve_references()
+    dilated.model.output_stride = 16
+    with pytest.raises(ConversionError, match=r"model.output_stride=16 \(needs 32\)"):
+        routes.export(dilated, variables, "keras", str(tmp_path / "m.weights.h5"))
+    with pytest.raises(ConversionError, match="end in one of"):
+        routes.export(config, variables, "keras", str(tmp_path / "m.bin"))
+    torch_config, *_ = case("torch", 0.35, 96)
+    with pytest.raises(ConversionError, match=r"keras\.applications\.MobileNetV2 uses TF 'SAME' padding"):
+        routes.export(torch_config, variables, "keras", str(tmp_path / "m.weights.h5"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path):
+    config, variables, *_ = case("torch", 0.35, 96)
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"previous")
+    with pytest.raises(ConversionError, match="already exists; pass --overwrite"):
+        routes.export(config, variables, "onnx", str(out))
+    assert out.read_bytes() == b"previous"
+
+
+def test_failed_export_leaves_previous_output_untouched(tmp_path, monkeypatch):
+    from mnv2_jax.convert import pytorch
+
+    config, variables, *_ = case("torch", 0.35, 96)
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"previous")
+
+    def crash(path, tensors):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pytorch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        routes.export(config, variables, "safetensors", str(out), routes.ExportOptions(overwrite=True))
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no partial files left
+
+
+# shared/data/README.md's confidently classified photos; the int8 test checks top-1 agreement on their views.
+CONFIDENT_PHOTOS = ["grace_hopper.bmp", "cat.bmp", "bird.bmp", "dragonfly.bmp", "parrot.jpg", "hot_dog.jpg"]
+# Calibration uses other real images only: the remaining photos, the segmentation photos and blood-cell micrographs.
+CALIBRATION_PHOTOS = ["owl.jpg", "pets.jpg", "face.jpg", "bird_segmentation.bmp", "dog_segmentation_256.bmp"]
+
+
+def _views(path, resolution):
+    """Eight views of a photo: whole, four 80% corner crops, 80% centre crop, two mirrored."""
+    import tensorflow as tf
+
+    from mnv2_jax.data import preprocessing
+
+    image = preprocessing.decode_image(tf.io.read_file(str(path)))
+    h, w = image.shape[0], image.shape[1]
+    ch, cw = int(h * 0.8), int(w * 0.8)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    crops = [image, image[:ch, :cw], image[:ch, -cw:], image[-ch:, :cw], image[-ch:, -cw:]]
+    crops += [image[top : top + ch, left : left + cw], image[:, ::-1], image[:ch, :cw][:, ::-1]]
+    return [preprocessing.normalize(preprocessing.resize(c, resolution).numpy(), "inception") for c in crops]
+
+
+@pytest.mark.slow
+def test_tflite_int8_of_the_authors_weights_agrees_on_real_photos(mnv2, tmp_path, shared_data):
+    """The coral model imported (real ImageNet weights), re-exported as full-integer int8 with held-out calibration."""
+    import shutil
+
+    from mnv2_jax import inference
+    from mnv2_jax.export.tensorflow import op_counts
+
+    coral = shared_data / "coral"
+    workdir, out, calibration = tmp_path / "coral", tmp_path / "int8.tflite", tmp_path / "calibration"
+    calibration.mkdir()
+    for name in CALIBRATION_PHOTOS:
+        shutil.copy(coral / name, calibration)
+    for path in sorted((shared_data / "bccd" / "BCCD" / "JPEGImages").glob("*.jpg"))[:40]:
+        shutil.copy(path, calibration)
+    model_file = str(coral / "mobilenet_v2_1.0_224_quant.tflite")
+    config = "configs/imagenet.py:num_classes=1001"
+    status, _, err = mnv2("import", "--from", "tflite", model_file, "--config", config, "--workdir", str(workdir))
+    assert status == 0, err
+    status, _, err = mnv2(
+        "export", "--workdir", str(workdir), "--format", "tflite-int8", "--out", str(out),
+        "--calibration", str(calibration), "--labels", str(coral / "imagenet_labels.txt"),
+    )  # fmt: skip
+    assert status == 0, err
+
+    config, _, variables = inference.load_classifier(str(workdir))
+    confident = [v for name in CONFIDENT_PHOTOS for v in _views(coral / name, 224)]
+    others = [v for name in ("owl.jpg", "pets.jpg", "face.jpg") for v in _views(coral / name, 224)]
+    images = np.stack(confident + others).astype(np.float32)
+    expected = jax_logits(config, variables, images)
+    actual = tflite_logits(out, images)
+    n = len(confident)
+    agreement = np.mean(actual[:n].argmax(1) == expected[:n].argmax(1))
+    cosine = np.sum(actual * expected, 1) / np.linalg.norm(actual, axis=1) / np.linalg.norm(expected, axis=1)
+    assert agreement >= 0.95, agreement
+    assert cosine.min() >= 0.97, cosine.min()
+
+    ops = op_counts(out)
+    assert ops["DEPTHWISE_CONV_2D"] == 17 and "BROADCAST_TO" not in ops and "PAD" not in ops, ops
+    metadata = json.loads(out.with_name("int8.tflite.metadata.json").read_text())
+    assert metadata["input"]["dtype"] == "int8" and metadata["quantization"]["input"]["dtype"] == "int8"
+    assert metadata["calibration"]["images"] == len(CALIBRATION_PHOTOS) + 40
+    assert metadata["class_names"][653] == "military uniform"

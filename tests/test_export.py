@@ -87,6 +87,18 @@ def test_savedmodel_matches_with_polymorphic_batch(tmp_path, width, resolution):
     assert_close(serve(images=tf.constant(images))["logits"].numpy(), logits)
     assert_close(serve(images=tf.constant(images[:1]))["logits"].numpy(), logits[:1])
     assert metadata["platforms"] == ["cpu", "cuda"]
+    assert savedmodel_platforms(out) == [b"CPU", b"CUDA"]
+
+
+def savedmodel_platforms(path):
+    """The platforms the SavedModel's StableHLO `XlaCallModule` was lowered for."""
+    import tensorflow as tf
+
+    graph = tf.saved_model.load(str(path)).signatures["serving_default"].graph
+    graphs = [graph] + [f.graph for f in graph._functions.values()]
+    ops = [op for g in graphs for op in g.get_operations() if op.type == "XlaCallModule"]
+    assert len(ops) == 1
+    return list(ops[0].get_attr("platforms"))
 
 
 @pytest.mark.parametrize(("width", "resolution"), CASES, ids=CASE_IDS)
@@ -265,3 +277,30 @@ def test_tflite_int8_of_the_authors_weights_agrees_on_real_photos(mnv2, tmp_path
     assert metadata["input"]["dtype"] == "int8" and metadata["quantization"]["input"]["dtype"] == "int8"
     assert metadata["calibration"]["images"] == len(CALIBRATION_PHOTOS) + 40
     assert metadata["class_names"][653] == "military uniform"
+
+
+def test_export_command(mnv2, tmp_path):
+    import torch
+
+    config, variables, images, logits = case("torch", 0.35, 96)
+    routes.export(config, variables, "torch", str(tmp_path / "ours.pth"))
+    workdir = tmp_path / "workdir"
+    spec = "configs/imagenet.py:width=0.35,resolution=96,num_classes=10,convention=torch"
+    status, _, err = mnv2(
+        "import", "--from", "torch", str(tmp_path / "ours.pth"), "--config", spec, "--workdir", str(workdir)
+    )
+    assert status == 0, err
+
+    status, _, err = mnv2("export", "--workdir", str(workdir), "--format", "keras", "--out", str(tmp_path / "k.keras"))
+    assert status == 2 and "keras.applications.MobileNetV2 uses TF 'SAME' padding" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "k.keras").exists()
+
+    out = tmp_path / "again.pth"
+    status, stdout, err = mnv2("export", "--workdir", str(workdir), "--format", "torch", "--out", str(out))
+    assert status == 0, err
+    assert "again.pth.metadata.json" in stdout
+    model = torchvision_model(0.35, NUM_CLASSES)
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    assert_close(torch_logits(model, images), logits)
+    status, _, err = mnv2("export", "--workdir", str(workdir), "--format", "torch", "--out", str(out))
+    assert status == 2 and "already exists; pass --overwrite" in err

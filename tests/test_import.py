@@ -198,3 +198,25 @@ class _Unsafe:
 def _mark_unpickled():
     _Unsafe.unpickled = True
     return None
+
+
+def test_imported_weights_fine_tune_with_init_from(mnv2, tmp_path):
+    import torch
+    from datasets import synthetic_imagefolder
+    from test_train import small_run_config_args
+
+    from mnv2_jax.training import checkpoint
+
+    torch.save(torchvision_model(0.35, 3).state_dict(), tmp_path / "tv.pth")
+    imported = tmp_path / "imported"
+    status, _, err = mnv2(
+        "import", "--from", "torch", str(tmp_path / "tv.pth"), "--workdir", str(imported),
+        "--config", "configs/imagenet.py:width=0.35,resolution=16,num_classes=3,convention=torch",
+    )  # fmt: skip
+    assert status == 0, err
+    folder = synthetic_imagefolder(tmp_path / "folder", {"train": 16, "test": 4})
+    overrides = {"init_from": imported, "num_train_steps": 1, "model.padding": "symmetric", "model.bn_epsilon": 1e-5}
+    status, _, err = mnv2("train", "--workdir", str(tmp_path / "run"), *small_run_config_args(folder, **overrides))
+    assert status == 0, err
+    assert "initialised params and batch statistics from" in err
+    assert checkpoint.latest_step(str(tmp_path / "run")) == 1

@@ -94,7 +94,8 @@ def _initialise_from(state: steps.TrainState, source_workdir: str, sharding) -> 
     }
     step, items = checkpoint.restore(source_workdir, targets)
     logging.info("initialised params and batch statistics from %s (step %d)", source_workdir, step)
-    ema = None if state.ema_params is None else items["params"]
+    # The EMA starts at the loaded weights, in its own buffers: the train step donates both.
+    ema = None if state.ema_params is None else jax.tree.map(lambda a: a.copy(), items["params"])
     return state.replace(params=items["params"], batch_stats=items["batch_stats"], ema_params=ema)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -39,6 +40,8 @@ class BenchResult:
     argument_bytes: int | None
     output_bytes: int | None
     mfu: float | None  # achieved / peak, when a peak is given
+    pipeline_images_per_s: float | None = None  # the training input pipeline alone, on this host
+    input_bound: bool | None = None  # the pipeline delivers fewer images/s than this host's share of the step takes
 
 
 def _cost_flops(compiled) -> float | None:
@@ -58,15 +61,21 @@ def _memory(compiled) -> dict[str, int | None]:
     }
 
 
-def run(
-    config: ml_collections.ConfigDict,
-    mode: str = "train",
-    batch: int | None = None,
-    steps: int = 20,
-    warmup: int = 2,
-    peak_tflops: float | None = None,
-) -> BenchResult:
-    """Compiles one step of `mode` for `config`, then times `steps` of them (0: compile and analyse only)."""
+@dataclasses.dataclass
+class CompiledStep:
+    """One compiled train or inference step on synthetic inputs, ready to time."""
+
+    mode: str
+    batch: int
+    devices: int
+    compile_s: float
+    compiled: Any
+    flops: float | None  # per device program
+    time_steps: Callable[[int, int], float]  # (steps, warmup) -> seconds for `steps` steps
+
+
+def compile_step(config: ml_collections.ConfigDict, mode: str = "train", batch: int | None = None) -> CompiledStep:
+    """Builds and compiles one step of `mode` for `config` on synthetic inputs sharded over every device."""
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
     config = ml_collections.ConfigDict(config.to_dict())
@@ -98,50 +107,90 @@ def run(
     started = time.perf_counter()
     compiled = step_fn.lower(*args).compile()
     compile_s = time.perf_counter() - started
-    flops = _cost_flops(compiled)
+    carry = {"state": state}
 
+    def time_steps(steps: int, warmup: int = 2) -> float:
+        def one():
+            if mode == "train":
+                carry["state"], metrics = compiled(carry["state"], inputs)
+                return carry["state"], metrics
+            return compiled(*args)
+
+        for _ in range(warmup):
+            jax.block_until_ready(one())
+        started = time.perf_counter()
+        out = None
+        for _ in range(steps):
+            out = one()
+        jax.block_until_ready(out)
+        return time.perf_counter() - started
+
+    return CompiledStep(mode, batch, mesh.size, compile_s, compiled, _cost_flops(compiled), time_steps)
+
+
+def pipeline_images_per_s(config: ml_collections.ConfigDict, batch: int, steps: int, warmup: int = 3) -> float:
+    """Images/s of this host's training input pipeline alone (decode, augment, batch) on the config's dataset."""
+    from mnv2_jax.data import pipeline
+
+    process_count, process_index = jax.process_count(), jax.process_index()
+    builder = pipeline.get_builder(config.dataset, config.data_dir)
+    pipeline.check_split(builder, config.train_split, "config.train_split")
+    local_batch = batch // process_count
+    batches = pipeline.train_iterator(builder, config, local_batch, 0, process_index, process_count)
+    for _ in range(warmup):
+        next(batches)
+    started = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    return local_batch * steps / (time.perf_counter() - started)
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    mode: str = "train",
+    batch: int | None = None,
+    steps: int = 20,
+    warmup: int = 2,
+    peak_tflops: float | None = None,
+    pipeline_steps: int = 0,
+) -> BenchResult:
+    """Compiles one step of `mode` for `config`, then times `steps` of them (0: compile and analyse only).
+
+    With `pipeline_steps`, also times that many batches of the training input pipeline alone and reports whether
+    the step would wait for its input.
+    """
+    step = compile_step(config, mode, batch)
+    flops = step.flops
     step_ms = images_per_s = achieved = None
     if steps > 0:
-        if mode == "train":
-            run_step = lambda state: compiled(state, inputs)
-            current = state
-            for _ in range(warmup):
-                current, metrics = run_step(current)
-            jax.block_until_ready(current)
-            started = time.perf_counter()
-            for _ in range(steps):
-                current, metrics = run_step(current)
-            jax.block_until_ready((current, metrics))
-        else:
-            out = None
-            for _ in range(warmup):
-                out = compiled(*args)
-            jax.block_until_ready(out)
-            started = time.perf_counter()
-            for _ in range(steps):
-                out = compiled(*args)
-            jax.block_until_ready(out)
-        elapsed = time.perf_counter() - started
+        elapsed = step.time_steps(steps, warmup)
         step_ms = 1000 * elapsed / steps
-        images_per_s = batch * steps / elapsed
+        images_per_s = step.batch * steps / elapsed
         if flops is not None:
             # cost_analysis counts one device's program; every device runs its own share of the batch.
-            achieved = flops * mesh.size * steps / elapsed / 1e12
-    flops_per_image = flops * mesh.size / batch if flops is not None else None
+            achieved = flops * step.devices * steps / elapsed / 1e12
+    flops_per_image = flops * step.devices / step.batch if flops is not None else None
+    pipeline_rate = input_bound = None
+    if pipeline_steps > 0:
+        pipeline_rate = pipeline_images_per_s(config, step.batch, pipeline_steps)
+        if images_per_s is not None:
+            input_bound = pipeline_rate < images_per_s / jax.process_count()
     return BenchResult(
         mode=mode,
         backend=jax.default_backend(),
-        devices=mesh.size,
-        batch=batch,
+        devices=step.devices,
+        batch=step.batch,
         resolution=config.resolution,
         steps=steps,
-        compile_s=compile_s,
+        compile_s=step.compile_s,
         step_ms=step_ms,
         images_per_s=images_per_s,
         flops_per_image=flops_per_image,
         achieved_tflops=achieved,
         mfu=achieved / peak_tflops if achieved is not None and peak_tflops else None,
-        **_memory(compiled),
+        **_memory(step.compiled),
+        pipeline_images_per_s=pipeline_rate,
+        input_bound=input_bound,
     )
 
 
@@ -162,4 +211,12 @@ def format_result(result: BenchResult) -> str:
             f"  temporary memory   {fmt(result.temp_bytes, ' MiB', 2**20)} (XLA memory analysis)",
             f"  arguments          {fmt(result.argument_bytes, ' MiB', 2**20)}",
         ]
+        + (
+            [
+                f"  input pipeline     {fmt(result.pipeline_images_per_s, ' images/s')} on this host"
+                + ("" if result.input_bound is None else f" -> input-bound: {'yes' if result.input_bound else 'no'}")
+            ]
+            if result.pipeline_images_per_s is not None
+            else []
+        )
     )

@@ -52,6 +52,7 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     model.divisible_by = 8
     model.min_depth = 8
     model.depthwise = "auto"
+    model.remat = False  # recompute each block's expanded tensors in the backward pass: less memory, more FLOPs
     model.bn_group_size = config_dict.placeholder(int)
     model.init_stddev = 0.09
     model.dtype = "float32"

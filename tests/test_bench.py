@@ -33,3 +33,19 @@ def test_bench_command_reports_throughput_and_memory(mnv2):
     assert result["images_per_s"] > 0 and result["step_ms"] > 0 and result["compile_s"] > 0
     assert result["flops_per_image"] > 0 and result["temp_bytes"] > 0
     assert result["mfu"] == pytest.approx(result["achieved_tflops"] / 1.0)
+
+
+def test_bench_measures_the_input_pipeline_and_says_if_training_is_input_bound(mnv2, tmp_path):
+    from datasets import synthetic_imagefolder
+
+    dataset = synthetic_imagefolder(tmp_path / "folder", {"train": 24, "test": 4})
+    args = ["--config", "configs/quickstart.py", f"--config.dataset={dataset}", "--config.model.num_classes=3"]
+    args += ["--config.resolution=16", "--batch=8", "--steps=2", "--pipeline_steps=3"]
+    status, out, err = mnv2("bench", *args, "--json")
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["pipeline_images_per_s"] > 0
+    assert result["input_bound"] == (result["pipeline_images_per_s"] < result["images_per_s"])
+    status, out, err = mnv2("bench", *args)
+    assert status == 0, err
+    assert "input pipeline" in out and "input-bound: " in out

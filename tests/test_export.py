@@ -304,3 +304,16 @@ def test_export_command(mnv2, tmp_path):
     assert_close(torch_logits(model, images), logits)
     status, _, err = mnv2("export", "--workdir", str(workdir), "--format", "torch", "--out", str(out))
     assert status == 2 and "already exists; pass --overwrite" in err
+
+
+def test_int8_calibration_defaults_to_the_configs_eval_split(tmp_path):
+    from datasets import synthetic_imagefolder
+
+    dataset = synthetic_imagefolder(tmp_path / "folder", {"train": 4, "test": 5})
+    config = load("configs/quickstart.py", f"--config.dataset={dataset}", "--config.eval_split=test")
+    images = routes.calibration_images(config, None, 3)
+    assert len(images) == 3
+    assert images[0].shape == (config.resolution, config.resolution, 3)
+    assert images[0].min() >= -1.0 and images[0].max() <= 1.0  # the model's input, not raw pixels
+    with pytest.raises(ConversionError, match="matches no image files"):
+        routes.calibration_images(config, str(tmp_path / "empty*"), 3)

@@ -61,6 +61,15 @@ def load_config(holder: flags.FlagHolder):
     return config
 
 
+def config_from_spec(spec: str, *overrides: str):
+    """The validated config of `configs/x.py[:arg]` plus `--config.FIELD=VALUE` overrides, as the CLI loads it."""
+    argv = ["mnv2", f"--config={spec}", *overrides]
+    flag_values = flags.FlagValues()
+    holder = define_config(flag_values, argv)
+    parse(flag_values, argv)
+    return load_config(holder)
+
+
 def setup_logging() -> None:
     """absl INFO logging to stderr (progress, metrics) for long-running commands."""
     from absl import logging

@@ -34,6 +34,7 @@ def build_model(model_config: ml_collections.ConfigDict, **overrides) -> MobileN
         dropout_rate=cfg.dropout_rate,
         residual=cfg.residual,
         nonlinear_bottleneck=cfg.nonlinear_bottleneck,
+        remat=cfg.remat,
         divisible_by=cfg.divisible_by,
         min_depth=cfg.min_depth,
         conventions=conventions,

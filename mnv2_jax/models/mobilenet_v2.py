@@ -175,6 +175,7 @@ class MobileNetV2(nn.Module):
     divisible_by: int = 8
     min_depth: int = 8
     conventions: Conventions = Conventions()
+    remat: bool = False  # rematerialise each inverted-residual block (its expanded tensors) for the gradient
 
     def specs(self, in_features: int = 3) -> list[LayerSpec]:
         return layer_specs(
@@ -189,13 +190,15 @@ class MobileNetV2(nn.Module):
         endpoints: dict[str, jax.Array] = {}
         x = images
         pending_shortcut = None  # expanded tensor carried to the next block ("expansion" residuals)
+        # Only the block inputs are kept for the backward pass; `train` (argument 2 counting self) is static.
+        block_type = nn.remat(InvertedResidual, static_argnums=(2,)) if self.remat else InvertedResidual
         for spec in self.specs(images.shape[-1]):
             if spec.expanded_features is None:
                 kernel = 3 if spec.endpoint == "layer_1" else 1
                 x = ConvBN(spec.out_features, conv, kernel, spec.stride, spec.dilation, name=spec.scope)(x, train)
                 pending_shortcut = None
             else:
-                block = InvertedResidual(spec, conv, self.residual, self.nonlinear_bottleneck, name=spec.scope)
+                block = block_type(spec, conv, self.residual, self.nonlinear_bottleneck, name=spec.scope)
                 shortcut = pending_shortcut if spec.has_expansion else None
                 if shortcut is not None and shortcut.shape[-1] != spec.expanded_features:
                     shortcut = None

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mnv2_jax.models import layers
 from mnv2_jax.models.layers import (
     BatchNorm,
     conv_padding,
@@ -67,16 +68,23 @@ def test_shifted_depthwise_equals_grouped_convolution(size, stride, dilation, mo
     np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_depthwise_gradients_agree():
-    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
+@pytest.mark.parametrize(
+    "stride, dilation, mode, chunk_bytes",
+    [(2, 1, "same", None), (1, 1, "symmetric", None), (1, 2, "same", 1), (2, 1, "symmetric", 3000)],
+)
+def test_depthwise_gradients_agree(monkeypatch, stride, dilation, mode, chunk_bytes):
+    """The shifted form's own VJP (kernel gradient looped over batch chunks) equals autodiff of the grouped conv."""
+    if chunk_bytes is not None:  # force several chunks: 1 image per step, or a few
+        monkeypatch.setattr(layers, "_KERNEL_GRAD_CHUNK_BYTES", chunk_bytes)
+    x = jax.random.normal(jax.random.key(0), (6, 9, 8, 4))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 4))
-    padding = tuple(conv_padding(9, 3, 2, 1, "same") for _ in range(2))
+    padding = tuple(conv_padding(s, 3, stride, dilation, mode) for s in x.shape[1:3])
 
     def loss(fn, x, k):
-        return jnp.sum(jnp.sin(fn(x, k, (2, 2), padding, (1, 1))))
+        return jnp.sum(jnp.sin(fn(x, k, (stride, stride), padding, (dilation, dilation))))
 
     grads_grouped = jax.grad(lambda x, k: loss(depthwise_grouped, x, k), argnums=(0, 1))(x, kernel)
-    grads_shifted = jax.grad(lambda x, k: loss(depthwise_shifted, x, k), argnums=(0, 1))(x, kernel)
+    grads_shifted = jax.jit(jax.grad(lambda x, k: loss(depthwise_shifted, x, k), argnums=(0, 1)))(x, kernel)
     for a, b in zip(grads_grouped, grads_shifted, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 

@@ -8,6 +8,7 @@ transpose: a conv unit holds `kernel` and a `BatchNorm` submodule with
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -67,28 +68,93 @@ def depthwise_grouped(
     )
 
 
+def _shifted_taps(x: jax.Array, kernel_hw: tuple[int, int], strides, padding: Padding, dilation) -> list[jax.Array]:
+    """The kh*kw shifted, strided views of the padded input, one per kernel tap (row-major)."""
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    kh, kw = kernel_hw
+    (sh, sw), (dh, dw) = strides, dilation
+    n, h, w, c = x.shape
+    out_h = (h - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w - dw * (kw - 1) - 1) // sw + 1
+    return [
+        lax.slice(
+            x,
+            (0, i * dh, j * dw, 0),
+            (n, i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1, c),
+            (1, sh, sw, 1),
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
+def _shifted_forward(x, kernel, strides, padding, dilation):
+    taps = _shifted_taps(x, kernel.shape[:2], strides, padding, dilation)
+    weights = kernel.reshape(-1, kernel.shape[-1])
+    out = taps[0] * weights[0]
+    for tap, weight in zip(taps[1:], weights[1:], strict=True):
+        out = out + tap * weight
+    return out
+
+
+# Images per step of the kernel-gradient loop: x and the output gradient of one step should stay in cache.
+_KERNEL_GRAD_CHUNK_BYTES = 6 * 2**20
+
+
+def _kernel_gradient(x, grad_out, kernel_shape, strides, padding, dilation):
+    """d loss / d kernel, computed a few images at a time.
+
+    Autodiff gives kh*kw separate full passes over the input and the output
+    gradient (one reduction per tap), which is memory-bound on CPU. Looping
+    over small batch chunks keeps both in cache while all taps are reduced.
+    """
+    n = x.shape[0]
+    per_image = (x[0].size + grad_out[0].size) * x.dtype.itemsize
+    limit = max(1, _KERNEL_GRAD_CHUNK_BYTES // per_image)
+    chunk = max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+    accumulate = jnp.promote_types(jnp.result_type(x, grad_out), jnp.float32)
+
+    def taps_times_grad(xs, gs):
+        taps = _shifted_taps(xs, kernel_shape[:2], strides, padding, dilation)
+        return jnp.stack([jnp.sum(tap * gs, axis=(0, 1, 2), dtype=accumulate) for tap in taps])
+
+    xs = x.reshape(n // chunk, chunk, *x.shape[1:])
+    gs = grad_out.reshape(n // chunk, chunk, *grad_out.shape[1:])
+    total, _ = lax.scan(
+        lambda acc, xg: (acc + taps_times_grad(*xg), None),
+        jnp.zeros((kernel_shape[0] * kernel_shape[1], kernel_shape[-1]), jnp.result_type(x, grad_out)),
+        (xs, gs),
+    )
+    return total.reshape(kernel_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def depthwise_shifted(
     x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, dilation: tuple[int, int]
 ) -> jax.Array:
     """Depthwise convolution as a sum of kh*kw shifted, strided slices times a per-channel weight.
 
     Numerically the same operation as `depthwise_grouped`; XLA fuses it into one
-    loop, which is much faster than its grouped convolution on CPU.
+    loop, which is much faster than its grouped convolution on CPU. The kernel
+    gradient has its own cache-friendly implementation (`_kernel_gradient`).
     """
-    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    kh, kw = kernel.shape[:2]
-    (sh, sw), (dh, dw) = strides, dilation
-    n, h, w, c = x.shape
-    out_h = (h - dh * (kh - 1) - 1) // sh + 1
-    out_w = (w - dw * (kw - 1) - 1) // sw + 1
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            start = (0, i * dh, j * dw, 0)
-            limit = (n, i * dh + (out_h - 1) * sh + 1, j * dw + (out_w - 1) * sw + 1, c)
-            term = lax.slice(x, start, limit, (1, sh, sw, 1)) * kernel[i, j, 0]
-            out = term if out is None else out + term
-    return out
+    return _shifted_forward(x, kernel, strides, padding, dilation)
+
+
+def _depthwise_shifted_fwd(x, kernel, strides, padding, dilation):
+    return _shifted_forward(x, kernel, strides, padding, dilation), (x, kernel)
+
+
+def _depthwise_shifted_bwd(strides, padding, dilation, residuals, grad_out):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x: _shifted_forward(x, kernel, strides, padding, dilation), x)
+    (grad_x,) = input_vjp(grad_out)
+    grad_kernel = _kernel_gradient(x, grad_out, kernel.shape, strides, padding, dilation)
+    return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 
 
 DEPTHWISE_IMPLEMENTATIONS: dict[str, DepthwiseFn] = {

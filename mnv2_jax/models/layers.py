@@ -121,11 +121,8 @@ def _kernel_gradient(x, grad_out, kernel_shape, strides, padding, dilation):
 
     xs = x.reshape(n // chunk, chunk, *x.shape[1:])
     gs = grad_out.reshape(n // chunk, chunk, *grad_out.shape[1:])
-    total, _ = lax.scan(
-        lambda acc, xg: (acc + taps_times_grad(*xg), None),
-        jnp.zeros((kernel_shape[0] * kernel_shape[1], kernel_shape[-1]), jnp.result_type(x, grad_out)),
-        (xs, gs),
-    )
+    initial = jnp.zeros((kernel_shape[0] * kernel_shape[1], kernel_shape[-1]), accumulate)
+    total, _ = lax.scan(lambda acc, xg: (acc + taps_times_grad(*xg), None), initial, (xs, gs))
     return total.reshape(kernel_shape)
 
 

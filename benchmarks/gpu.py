@@ -59,13 +59,14 @@ def ours(mode: str, dtype: str, depthwise: str, batch: int, resolution: int):
 def torch_peer(name: str, mode: str, batch: int, resolution: int, compiled: bool):
     import torch
 
+    from mnv2_jax.convert.pytorch import import_torchvision
+
+    torchvision = import_torchvision()  # also what timm imports
     if name == "timm":
         import timm
 
         model = timm.create_model("mobilenetv2_100")
     else:
-        import torchvision
-
         model = torchvision.models.mobilenet_v2(weights=None)
     model = model.cuda().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, resolution, resolution, device="cuda").to(memory_format=torch.channels_last)

@@ -72,11 +72,11 @@ def _random_keras_model(width, resolution, num_classes, seed=0):
     return model
 
 
-@pytest.mark.parametrize("suffix", [".weights.h5", ".keras"])
+@pytest.mark.parametrize("suffix", [".weights.h5", ".keras", ".h5"])
 def test_keras_import_matches_keras(mnv2, tmp_path, suffix):
     model = _random_keras_model(1.0, 96, 10)
     path = tmp_path / f"model{suffix}"
-    model.save(path) if suffix == ".keras" else model.save_weights(path)
+    model.save_weights(path) if suffix == ".weights.h5" else model.save(path)  # .h5: Keras's legacy whole-model file
     config, variables = import_with_cli(mnv2, tmp_path, "keras", path, "tf", 1.0, 96, 10)
     images = random_inputs(config)
     np.testing.assert_allclose(

@@ -105,6 +105,9 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3  # the last K, plus the best by eval top-1
     config.profile_steps = 0  # > 0: write a profile of that many steps after the first log interval
     config.init_from = config_dict.placeholder(str)  # workdir whose latest params initialise this run
+    # A NaN/Inf loss or gradient never updates the state; "stop" ends the run naming the step (before any
+    # checkpoint of a later step), "skip" drops that update and goes on (counted in train/nonfinite).
+    config.on_nonfinite = "stop"
     return config
 
 
@@ -185,6 +188,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 OPTIMIZERS = ("rmsprop", "sgd", "adamw")
+NONFINITE_POLICIES = ("stop", "skip")
 LR_SCALING = ("linear", "sqrt", "none")
 SCHEDULES = ("exponential", "cosine", "constant")
 
@@ -218,6 +222,7 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     _check_range("data.eval_crop", data.eval_crop, 1e-6, 1.0, closed_high=True)
     _check_positive("data.shuffle_buffer", data.shuffle_buffer)
     opt = config.optimizer
+    _check_choice("on_nonfinite", config.on_nonfinite, NONFINITE_POLICIES)
     _check_choice("optimizer.name", opt.name, OPTIMIZERS)
     _check_choice("optimizer.lr_scaling", opt.lr_scaling, LR_SCALING)
     _check_choice("optimizer.schedule", opt.schedule, SCHEDULES)

@@ -41,6 +41,7 @@ def test_torch_convention_preset():
         (["--config.model.depthwise=fft"], "model.depthwise must be one of ('auto', 'grouped', 'shifted')"),
         (["--config.model.stage_expansion=(6, 6)"], "model.stage_expansion needs 7 values"),
         (["--config.model.num_classes=-3"], "model.num_classes must be an int >= 0"),
+        (["--config.on_nonfinite=ignore"], "on_nonfinite must be one of ('stop', 'skip'), got 'ignore'"),
     ],
 )
 def test_bad_overrides_give_one_line_errors(mnv2, args, message):

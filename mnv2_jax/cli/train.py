@@ -12,7 +12,7 @@ from mnv2_jax.cli import common
 
 
 @common.command
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int | None:
     fv = flags.FlagValues()
     config_flag = common.define_config(fv, argv)
     flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and TensorBoard logs", flag_values=fv)
@@ -21,9 +21,15 @@ def main(argv: list[str]) -> None:
         raise common.UsageError(f"usage: {argv[0]} --config CONFIG --workdir DIR")
     config = common.load_config(config_flag)
     common.setup_logging()
-    from mnv2_jax.training import distributed, train
+    import sys
+
+    from mnv2_jax.training import distributed, preemption, train
 
     distributed.maybe_initialize()
-    results = train.train_and_evaluate(config, fv.workdir)
+    try:
+        results = train.train_and_evaluate(config, fv.workdir)
+    except preemption.Preempted as e:
+        print(f"{argv[0]}: {e}", file=sys.stderr)
+        return preemption.PREEMPTED_EXIT_STATUS
     logging.info("final evaluation: %s", results)
     print(" ".join(f"{k}={v:.4f}" for k, v in results.items()))

@@ -86,14 +86,23 @@ def make_train_step(
         if ema_decay is not None:
             decay = ema_decay_at(state.step.astype(jnp.float32), ema_decay)
             ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_params, params)
+        grad_norm = optax.tree.norm(grads)
+        # A NaN/Inf loss or gradient leaves every part of the state as it was (the step still counts).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         metrics = {
             "train/loss": loss,
             "train/top1": jnp.mean(correct_top_k(logits, batch["label"], 1)),
             "train/lr": schedule(state.step),
-            "train/grad_norm": optax.tree.norm(grads),
+            "train/grad_norm": grad_norm,
+            "train/nonfinite": 1 - finite.astype(jnp.int32),
         }
         new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema_params=ema_params
+            step=state.step + 1,
+            params=keep_if_finite(params, state.params),
+            batch_stats=keep_if_finite(batch_stats, state.batch_stats),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
+            ema_params=keep_if_finite(ema_params, state.ema_params),
         )
         return new_state, metrics
 

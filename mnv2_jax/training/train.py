@@ -29,8 +29,9 @@ from mnv2_jax import config as config_lib
 from mnv2_jax import inference
 from mnv2_jax.config import ConfigError
 from mnv2_jax.data import pipeline
+from mnv2_jax.errors import UserError
 from mnv2_jax.models import MobileNetV2, build_model
-from mnv2_jax.training import checkpoint, distributed, metrics, optim, steps
+from mnv2_jax.training import checkpoint, distributed, metrics, optim, preemption, steps
 from mnv2_jax.training import plan as plan_lib
 
 STATE_ITEMS = ("params", "batch_stats", "opt_state", "ema_params")
@@ -72,6 +73,31 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
     )
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True)
     return checkpoint.manager(workdir, items=STATE_ITEMS, options=options)
+
+
+class NonFiniteError(UserError):
+    """A training step produced a NaN or Inf loss or gradient under `on_nonfinite=stop`."""
+
+
+def _check_finite(flags: list[tuple[int, jax.Array]], policy: str, workdir: str, mngr) -> None:
+    """Applies `config.on_nonfinite` to steps whose loss or gradients were not finite (their updates were dropped)."""
+    if not flags:
+        return
+    values = distributed.to_host([flag for _, flag in flags])
+    bad = [step for (step, _), value in zip(flags, values, strict=True) if value]
+    if not bad:
+        return
+    more = f" (and {len(bad) - 1} later step(s))" if len(bad) > 1 else ""
+    if policy == "skip":
+        logging.warning("skipped the update of step %d%s: non-finite loss or gradients", bad[0], more)
+        return
+    latest = mngr.latest_step()
+    kept = f"step {latest}" if latest is not None else "none yet"
+    raise NonFiniteError(
+        f"non-finite loss or gradients at step {bad[0]}{more}; the update was not applied and nothing after it was "
+        f"checkpointed (latest checkpoint in {checkpoint.checkpoint_dir(workdir)}: {kept}). "
+        "Lower optimizer.learning_rate, check the data, or set on_nonfinite=skip to drop such updates"
+    )
 
 
 def state_items(state: steps.TrainState) -> dict[str, Any]:
@@ -242,33 +268,46 @@ def train_and_evaluate(
 
     last_eval: dict[str, float] = {}
     pending: list[dict[str, jax.Array]] = []
+    unchecked: list[tuple[int, jax.Array]] = []  # (step, non-finite flag) not yet looked at on the host
     logging.info("training steps %d..%d of %d", start_step + 1, plan.total_steps, plan.total_steps)
-    for step in range(start_step + 1, plan.total_steps + 1):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            batch = distributed.global_batch(next(train_batches), mesh)
-            state, step_metrics = trainer.train_step(state, batch)
-        pending.append(step_metrics)
-        for hook in hooks:
-            hook(step)
-        if step % config.log_every_steps == 0 or step == plan.total_steps:
-            stacked = distributed.to_host(pending)
-            writer.write_scalars(step, {k: np.mean([m[k] for m in stacked]) for k in stacked[0]})
-            pending = []
-        evaluate_now = step % plan.eval_every_steps == 0 or step == plan.total_steps
-        if evaluate_now:
-            started = time.time()
-            last_eval = evaluate(
-                trainer.eval_step, state.eval_variables(), builder, config, plan.local_eval_batch_size, mesh
-            )
-            last_eval["eval/seconds"] = time.time() - started
-            writer.write_scalars(step, last_eval)
-        if evaluate_now or step % config.checkpoint_every_steps == 0:
-            checkpoint.save(
-                mngr, step, state_items(state), config, metrics=last_eval if evaluate_now else None, force=True
-            )
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.flush()
+    with preemption.PreemptionNotice() as notice:
+        try:
+            for step in range(start_step + 1, plan.total_steps + 1):
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    batch = distributed.global_batch(next(train_batches), mesh)
+                    state, step_metrics = trainer.train_step(state, batch)
+                pending.append(step_metrics)
+                unchecked.append((step, step_metrics["train/nonfinite"]))
+                for hook in hooks:
+                    hook(step)
+                log_now = step % config.log_every_steps == 0 or step == plan.total_steps
+                evaluate_now = step % plan.eval_every_steps == 0 or step == plan.total_steps
+                preempted = notice.reached(step, mngr)
+                checkpoint_now = evaluate_now or preempted or step % config.checkpoint_every_steps == 0
+                if log_now or checkpoint_now:  # before any checkpoint: a stopped run never saves past a bad step
+                    _check_finite(unchecked, config.on_nonfinite, workdir, mngr)
+                    unchecked = []
+                if log_now:
+                    stacked = distributed.to_host(pending)
+                    writer.write_scalars(step, {k: np.mean([m[k] for m in stacked]) for k in stacked[0]})
+                    pending = []
+                if evaluate_now:
+                    started = time.time()
+                    last_eval = evaluate(
+                        trainer.eval_step, state.eval_variables(), builder, config, plan.local_eval_batch_size, mesh
+                    )
+                    last_eval["eval/seconds"] = time.time() - started
+                    writer.write_scalars(step, last_eval)
+                if checkpoint_now:
+                    checkpoint.save(
+                        mngr, step, state_items(state), config, metrics=last_eval if evaluate_now else None, force=True
+                    )
+                if preempted:
+                    raise preemption.Preempted(step, checkpoint.checkpoint_dir(workdir))
+        finally:
+            mngr.wait_until_finished()
+            mngr.close()
+            writer.flush()
     if jax.process_index() == 0:
         logging.info("TensorBoard logs: %s", os.path.join(os.path.abspath(workdir), "tensorboard"))
     return last_eval

@@ -21,8 +21,8 @@ def _remove(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str, overwrite: bool = False, directory: bool = False) -> Iterator[str]:
-    """Yields a temporary path to write `path` (a file, or a directory if `directory`) into.
+def atomic_output(path: str, overwrite: bool = False) -> Iterator[str]:
+    """Yields a temporary path (not yet existing) to write `path`, a file or a directory, into.
 
     On success the temporary output replaces `path`; on any error it is removed
     and an existing `path` is left untouched.
@@ -37,8 +37,6 @@ def atomic_output(path: str, overwrite: bool = False, directory: bool = False) -
     except OSError as e:
         raise UserError(f"cannot write to {parent}: {e.strerror}") from None
     tmp = os.path.join(staging, os.path.basename(path))
-    if directory:
-        os.mkdir(tmp)
     try:
         yield tmp
         if os.path.isdir(path) and not os.path.islink(path):  # os.replace cannot replace a directory

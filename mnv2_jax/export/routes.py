@@ -175,8 +175,7 @@ def _write(config, variables, fmt: str, out: str, options: ExportOptions) -> dic
     from mnv2_jax.export import tensorflow as tf_export
 
     if fmt == "savedmodel":
-        with atomic_output(out, options.overwrite, directory=True) as tmp:
-            os.rmdir(tmp)  # tf.saved_model.save creates the directory
+        with atomic_output(out, options.overwrite) as tmp:
             tf_export.save_savedmodel(apply_fn, variables, resolution, tmp)
         return {
             "signature": "serving_default",
@@ -188,13 +187,18 @@ def _write(config, variables, fmt: str, out: str, options: ExportOptions) -> dic
         representative = calibration_images(config, options.calibration, options.calibration_images)
     with atomic_output(out, options.overwrite) as tmp:
         quantization = tf_export.save_tflite(apply_fn, variables, resolution, tmp, representative)
-    metadata: dict[str, Any] = {"runtime": "ai_edge_litert.interpreter.Interpreter(model_path=path)"}
-    metadata["input"] = {"name": "images", "shape": [1, resolution, resolution, 3], "layout": "NHWC"}
-    metadata["input"]["dtype"] = "int8" if representative is not None else "float32"
+    dtype = "float32" if representative is None else "int8"
+    metadata: dict[str, Any] = {
+        "runtime": "ai_edge_litert.interpreter.Interpreter(model_path=path)",
+        "input": {"name": "images", "shape": [1, resolution, resolution, 3], "layout": "NHWC", "dtype": dtype},
+        "output": {"name": "logits", "shape": [1, config.model.num_classes], "dtype": dtype},
+    }
     if representative is not None:
         metadata["quantization"] = quantization
-        metadata["calibration"] = {"source": options.calibration or f"{config.dataset}:{config.eval_split}"}
-        metadata["calibration"]["images"] = len(representative)
+        metadata["calibration"] = {
+            "source": options.calibration or f"{config.dataset}:{config.eval_split}",
+            "images": len(representative),
+        }
     return metadata
 
 

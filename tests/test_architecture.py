@@ -266,4 +266,4 @@ def test_remat_gives_identical_gradients_and_keeps_fewer_activations():
     assert jax.tree.structure(plain) == jax.tree.structure(remat)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    assert remat_saved < plain_saved / 5  # only block inputs (and stem/head tensors) are kept
+    assert remat_saved < plain_saved / 4  # only block inputs (and stem/head tensors) are kept

@@ -6,6 +6,8 @@ Resumes automatically from the workdir's latest checkpoint. Several processes
 
 from __future__ import annotations
 
+import sys
+
 from absl import flags, logging
 
 from mnv2_jax.cli import common
@@ -21,8 +23,6 @@ def main(argv: list[str]) -> int | None:
         raise common.UsageError(f"usage: {argv[0]} --config CONFIG --workdir DIR")
     config = common.load_config(config_flag)
     common.setup_logging()
-    import sys
-
     from mnv2_jax.training import distributed, preemption, train
 
     distributed.maybe_initialize()

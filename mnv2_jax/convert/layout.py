@@ -22,7 +22,6 @@ from mnv2_jax.models.complexity import layer_rows, subtree
 
 # Our tensor names within one layer.
 KERNEL, BIAS, BN_SCALE, BN_OFFSET, BN_MEAN, BN_VAR = "kernel", "bias", "scale", "offset", "mean", "var"
-BN_FIELDS = (BN_SCALE, BN_OFFSET, BN_MEAN, BN_VAR)
 
 
 @dataclasses.dataclass(frozen=True)

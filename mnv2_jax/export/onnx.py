@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import jax
 
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
+from mnv2_jax.export import INPUT_NAME, OUTPUT_NAME
 
 
 def save_onnx(logits_fn: Callable[[jax.Array], jax.Array], resolution: int, path: str) -> None:

@@ -17,6 +17,7 @@ from mnv2_jax import config as config_lib
 from mnv2_jax.convert import ConversionError, keras_applications, pytorch
 from mnv2_jax.convert.layout import export_tensors, model_layers
 from mnv2_jax.data import preprocessing
+from mnv2_jax.export import INPUT_NAME, OUTPUT_NAME
 from mnv2_jax.export.files import atomic_output, write_json
 from mnv2_jax.models import MobileNetV2, build_model
 
@@ -143,8 +144,8 @@ def export(
         "path": os.path.basename(os.path.abspath(out)),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "source": source or {},
-        "input": {"name": "images", "shape": [None, resolution, resolution, 3], "layout": "NHWC", "dtype": "float32"},
-        "output": {"name": "logits", "shape": [None, config.model.num_classes]},
+        "input": {"name": INPUT_NAME, "shape": [None, resolution, resolution, 3], "layout": "NHWC", "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": [None, config.model.num_classes]},
         "preprocessing": _preprocessing_metadata(config.model.preprocessing),
         "num_classes": config.model.num_classes,
         "class_names": _class_names(config, options.class_names),
@@ -190,8 +191,8 @@ def _write(config, variables, fmt: str, out: str, options: ExportOptions) -> dic
     dtype = "float32" if representative is None else "int8"
     metadata: dict[str, Any] = {
         "runtime": "ai_edge_litert.interpreter.Interpreter(model_path=path)",
-        "input": {"name": "images", "shape": [1, resolution, resolution, 3], "layout": "NHWC", "dtype": dtype},
-        "output": {"name": "logits", "shape": [1, config.model.num_classes], "dtype": dtype},
+        "input": {"name": INPUT_NAME, "shape": [1, resolution, resolution, 3], "layout": "NHWC", "dtype": dtype},
+        "output": {"name": OUTPUT_NAME, "shape": [1, config.model.num_classes], "dtype": dtype},
     }
     if representative is not None:
         metadata["quantization"] = quantization

@@ -11,9 +11,10 @@ import numpy as np
 import tensorflow as tf
 from jax.experimental import jax2tf
 
+from mnv2_jax.export import INPUT_NAME, OUTPUT_NAME
+
 ApplyFn = Callable[[Any, Any], Any]  # (variables, images NHWC float32) -> logits
 SERVING_PLATFORMS = ("cpu", "cuda")
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
 def save_savedmodel(

@@ -36,8 +36,8 @@ def test_imagefolder_info_and_errors(folder, tmp_path):
         pipeline.get_builder(f"imagefolder:{tmp_path}/missing")
 
 
-def batches(builder, config, start_step, count, process_index=0, process_count=1):
-    it = pipeline.train_iterator(builder, config, 4, start_step, process_index, process_count)
+def batches(builder, config, start_batch, count, process_index=0, process_count=1, batch_size=4):
+    it = pipeline.train_iterator(builder, config, batch_size, start_batch * batch_size, process_index, process_count)
     return list(itertools.islice(it, count))
 
 
@@ -54,6 +54,11 @@ def test_training_stream_is_deterministic_and_resumable(folder):
     for a, b in zip(full[7:], resumed, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
+    # The position is in examples: resuming with another batch size continues the same stream.
+    halves = batches(builder, config, 14, 10, batch_size=2)
+    np.testing.assert_array_equal(
+        np.concatenate([b["image"] for b in halves]), np.concatenate([b["image"] for b in full[7:]])
+    )
     # Each epoch is a permutation of the 20 examples, and epochs are shuffled differently.
     labels = np.concatenate([b["label"] for b in full])
     assert sorted(np.bincount(labels[:20])) == [6, 7, 7]

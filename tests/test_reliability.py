@@ -1,14 +1,21 @@
-"""Faults during training: non-finite losses or gradients."""
+"""Faults during training: non-finite values, SIGTERM, SIGKILL anywhere, interrupted checkpoints, bad input."""
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 from configs_loader import load
+from conftest import REPO
 from datasets import synthetic_imagefolder
-from test_train import final_params, small_run_config_args
-from train_helpers import BATCH, fixed_batch, tiny_config
+from test_train import small_run_config_args
+from train_helpers import BATCH, assert_bitwise_equal, fixed_batch, saved_state, tiny_config
 
 from mnv2_jax.data import pipeline
 from mnv2_jax.training import checkpoint, distributed, plan, train
@@ -64,16 +71,16 @@ def test_stop_policy_names_the_step_and_never_checkpoints_past_it(tmp_path, nan_
     ):
         train.train_and_evaluate(config, workdir)
     assert checkpoint.latest_step(workdir) == 2
-    step, params = final_params(workdir)
-    assert step == 2 and all(np.all(np.isfinite(v)) for v in params.values())
+    step, state = saved_state(workdir)
+    assert step == 2 and all(np.all(np.isfinite(v)) for v in state.values())
 
 
 def test_skip_policy_drops_the_update_and_finishes(tmp_path, nan_at_step_3):
     config = _config(tmp_path, on_nonfinite="skip", log_every_steps=1)
     workdir = tmp_path / "run"
     train.train_and_evaluate(config, str(workdir))
-    step, params = final_params(workdir)
-    assert step == 6 and all(np.all(np.isfinite(v)) for v in params.values())
+    step, state = saved_state(workdir)
+    assert step == 6 and all(np.all(np.isfinite(v)) for v in state.values())
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     flags = {r["step"]: r["train/nonfinite"] for r in logged if "train/nonfinite" in r}
     assert flags[3] == 1 and flags[2] == 0 and flags[4] == 0
@@ -81,15 +88,6 @@ def test_skip_policy_drops_the_update_and_finishes(tmp_path, nan_at_step_3):
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes_identically(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import REPO
-    from test_train import assert_same_state
-
     folder = synthetic_imagefolder(tmp_path / "folder", {"train": 40, "test": 13})
     workdir = tmp_path / "preempted"
     command = [sys.executable, "-m", "mnv2_jax.cli.main", "train", "--workdir", str(workdir)]
@@ -110,6 +108,82 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes_identically
     uninterrupted = tmp_path / "uninterrupted"
     command[command.index(str(workdir))] = str(uninterrupted)
     subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
-    (last, resumed), (_, expected) = final_params(workdir), final_params(uninterrupted)
+    (last, resumed), (_, expected) = saved_state(workdir), saved_state(uninterrupted)
     assert last == 6
-    assert_same_state(resumed, expected, rtol=1e-6, atol=1e-7)
+    assert_bitwise_equal(resumed, expected)
+
+
+def _run_until_killed(args, env, point, stderr_path, kill_after_s=None):
+    """`tests/faults.py POINT mnv2 ARGS`; with `kill_after_s`, SIGKILL from outside that long after training starts."""
+    with open(stderr_path, "w") as stderr:
+        child = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "faults.py"), point, *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        if kill_after_s is not None:
+            deadline = time.time() + 240
+            while child.poll() is None and time.time() < deadline and "training steps" not in stderr_path.read_text():
+                time.sleep(0.05)
+            time.sleep(kill_after_s)
+            child.kill()
+        child.wait(timeout=300)
+    return child.returncode, stderr_path.read_text()
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_the_same_command_ends_bitwise_equal(tmp_path):
+    """SIGKILL during a step, during evaluation, inside an async checkpoint write and at a random moment;
+    rerunning the same command each time ends with the uninterrupted run's exact state."""
+    folder = synthetic_imagefolder(tmp_path / "folder", {"train": 40, "test": 13})
+    workdir = tmp_path / "killed"
+    # Evaluation at steps 3 and 6; dropout so that the step-derived RNG matters.
+    config = small_run_config_args(folder, eval_every_epochs=0.6, **{"model.dropout_rate": 0.2})
+    args = ["train", "--workdir", str(workdir), *config]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    checkpoints = workdir / "checkpoints"
+
+    status, err = _run_until_killed(args, env, "step:3", tmp_path / "step.log")
+    assert status == -signal.SIGKILL, err[-3000:]
+    assert checkpoint.latest_step(str(workdir)) in (None, 2)
+
+    status, err = _run_until_killed(args, env, "eval", tmp_path / "eval.log")
+    assert status == -signal.SIGKILL and "training steps" in err, err[-3000:]
+    assert checkpoint.latest_step(str(workdir)) == 2  # step 3 is checkpointed after its evaluation
+
+    status, err = _run_until_killed(args, env, "checkpoint:4", tmp_path / "write.log")
+    assert status == -signal.SIGKILL, err[-3000:]
+    incomplete = [p.name for p in checkpoints.iterdir() if p.name.startswith("4.")]
+    assert incomplete and checkpoint.latest_step(str(workdir)) == 3  # the half-written step 4 is not picked up
+
+    delay = random.Random(os.getpid()).uniform(0.0, 2.0)
+    status, err = _run_until_killed(args, env, "none", tmp_path / "random.log", kill_after_s=delay)
+    assert f"removing incomplete checkpoint {checkpoints / incomplete[0]}" in err, err[-3000:]
+    assert not (checkpoints / incomplete[0]).exists()
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "mnv2_jax.cli.main", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    uninterrupted = tmp_path / "uninterrupted"
+    args[args.index(str(workdir))] = str(uninterrupted)
+    subprocess.run(
+        [sys.executable, "-m", "mnv2_jax.cli.main", *args],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (last, resumed), (_, expected) = saved_state(workdir), saved_state(uninterrupted)
+    assert last == 6
+    assert_bitwise_equal(resumed, expected)
+    records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/top1" in r] == [3, 6]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 
 from mnv2_jax.config import base_config
-from mnv2_jax.training import distributed, plan, train
+from mnv2_jax.training import checkpoint, distributed, plan, train
 
 BATCH = 16
 
@@ -51,3 +53,25 @@ def flat(state) -> dict[str, np.ndarray]:
         jax.tree_util.keystr(p): np.asarray(v)
         for p, v in jax.tree_util.tree_leaves_with_path(distributed.to_host(tree))
     }
+
+
+def assert_bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def saved_state(workdir) -> tuple[int, dict[str, np.ndarray]]:
+    """The latest checkpoint's step and every array of its training state, by name."""
+    import orbax.checkpoint as ocp
+
+    step = checkpoint.latest_step(str(workdir))
+    arrays = {}
+    for item in train.STATE_ITEMS:
+        tree = ocp.StandardCheckpointer().restore(
+            os.path.join(checkpoint.checkpoint_dir(str(workdir)), str(step), item)
+        )
+        arrays.update(
+            {item + jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+        )
+    return step, arrays

@@ -1,11 +1,11 @@
 """tf.data input pipelines for image classification on any TFDS dataset or a local image folder.
 
-Training data is a deterministic function of (seed, step): each epoch is a
+Training data is a deterministic function of (seed, position): each epoch is a
 seeded shuffle of this process's examples and every augmentation draws from a
-stateless RNG keyed by the example's position in the stream. Resuming at step
-`s` therefore skips exactly the `s * local_batch` examples already consumed
-(before decoding) and continues with the same batches an uninterrupted run
-would have seen.
+stateless RNG keyed by the example's position in the stream. The position (the
+examples this process has consumed) is saved with each checkpoint; resuming
+skips exactly those examples (before decoding) and continues with the same
+batches an uninterrupted run would have seen.
 
 Evaluation covers every example exactly once on any number of processes: each
 process reads its part of the split, pads it with masked examples, and all
@@ -156,11 +156,15 @@ def train_iterator(
     builder: tfds.core.DatasetBuilder,
     config: ml_collections.ConfigDict,
     local_batch_size: int,
-    start_step: int = 0,
+    start_example: int = 0,
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless training batches `{'image': float32 NHWC (normalised), 'label': int32}` from `start_step` on."""
+    """Endless training batches `{'image': float32 NHWC (normalised), 'label': int32}`.
+
+    The stream starts after the first `start_example` examples of this
+    process's stream (its saved position).
+    """
     examples, count = process_examples(builder, config.train_split, process_index, process_count)
     if count < local_batch_size:
         raise DatasetError(
@@ -177,8 +181,7 @@ def train_iterator(
         order = examples.enumerate().shuffle(buffer, seed=seed * 1_000_003 + e, reshuffle_each_iteration=False)
         return order.map(lambda i, ex: (e * count + i, ex))
 
-    consumed = start_step * local_batch_size
-    stream = tf.data.Dataset.range(consumed // count, 2**62).flat_map(epoch).skip(consumed % count)
+    stream = tf.data.Dataset.range(start_example // count, 2**62).flat_map(epoch).skip(start_example % count)
 
     def prepare(position, ex):
         image = _train_image(ex["image"], tf.stack([tf.cast(seed, tf.int64), position]), config.resolution, data)

@@ -2,14 +2,18 @@
 
 Layout: `<workdir>/checkpoints/<step>/` with one item per part of the state
 (`params`, `batch_stats`, and during training the optimizer state and more)
-plus the run's `config` as JSON. Restores take abstract targets built from the
-config, so arrays land with the current shardings and shape mismatches are
-reported by layer.
+plus the run's `config` and, during training, the input stream's position
+(`data`) as JSON. Restores take abstract targets built from the config, so
+arrays land with the current shardings and shape mismatches are reported by
+layer. Orbax writes each step into a temporary directory and renames it when
+complete; `discard_incomplete` reports and removes what an interrupted write
+left behind.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,12 +21,15 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from mnv2_jax import config as config_lib
 from mnv2_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_ITEM = "config"
+DATA_ITEM = "data"  # the training input stream's position, e.g. {"examples_per_process": 4096}
+JSON_ITEMS = (CONFIG_ITEM, DATA_ITEM)
 
 
 class CheckpointError(UserError):
@@ -38,9 +45,9 @@ def manager(
     items: tuple[str, ...] = ("params", "batch_stats"),
     options: ocp.CheckpointManagerOptions | None = None,
 ) -> ocp.CheckpointManager:
-    """The orbax manager of `<workdir>/checkpoints` for the named pytree items plus the config."""
+    """The orbax manager of `<workdir>/checkpoints` for the named pytree items plus the JSON items."""
     handlers = {name: ocp.StandardCheckpointHandler() for name in items}
-    handlers[CONFIG_ITEM] = ocp.JsonCheckpointHandler()
+    handlers.update({name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS})
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
@@ -51,10 +58,13 @@ def save(
     config: ml_collections.ConfigDict,
     metrics: Mapping[str, float] | None = None,
     force: bool = False,
+    data_position: Mapping[str, int] | None = None,
 ) -> bool:
-    """Saves the named pytrees and the config at `step` (asynchronously when the manager is async)."""
+    """Saves the named pytrees, the config and the data position at `step` (asynchronously when the manager is)."""
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     args[CONFIG_ITEM] = ocp.args.JsonSave(config_lib.to_dict(config))
+    if data_position is not None:
+        args[DATA_ITEM] = ocp.args.JsonSave(dict(data_position))
     return mngr.save(step, args=ocp.args.Composite(**args), metrics=dict(metrics) if metrics else None, force=force)
 
 
@@ -82,12 +92,40 @@ def _resolve_step(mngr: ocp.CheckpointManager, workdir: str, step: int | None) -
     return step
 
 
-def restore_config(workdir: str, step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
-    """The step and config stored with a checkpoint (the latest one by default)."""
+def restore_json(workdir: str, name: str, step: int | None = None) -> tuple[int, dict[str, Any] | None]:
+    """The step and JSON item `name` stored with a checkpoint (the latest by default); None if it has none."""
     with manager(workdir, items=()) as mngr:
         step = _resolve_step(mngr, workdir, step)
-        restored = mngr.restore(step, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
-    return step, config_lib.from_dict(restored[CONFIG_ITEM])
+        if name not in item_names(workdir, step):
+            return step, None
+        restored = mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
+    return step, restored[name]
+
+
+def restore_config(workdir: str, step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
+    """The step and config stored with a checkpoint (the latest one by default)."""
+    step, saved = restore_json(workdir, CONFIG_ITEM, step)
+    if saved is None:
+        raise CheckpointError(f"checkpoint step {step} in {checkpoint_dir(workdir)} has no config")
+    return step, config_lib.from_dict(saved)
+
+
+def discard_incomplete(workdir: str) -> list[str]:
+    """Removes the checkpoints whose write was interrupted (a crash or kill mid-save); returns their names.
+
+    Orbax lists only committed steps, so an incomplete one is never restored;
+    this reports and deletes what it left behind. Call on one process only.
+    """
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return []
+    incomplete = sorted(
+        name for name in os.listdir(directory) if ocp.step.is_tmp_checkpoint(os.path.join(directory, name))
+    )
+    for name in incomplete:
+        logging.warning("removing incomplete checkpoint %s (its write was interrupted)", os.path.join(directory, name))
+        shutil.rmtree(os.path.join(directory, name))
+    return incomplete
 
 
 def _leaves_by_name(tree: Any) -> dict[str, Any]:

@@ -112,6 +112,38 @@ def _restore_state(workdir: str, abstract: steps.TrainState, step: int) -> steps
     return abstract.replace(step=jax.numpy.asarray(step, jax.numpy.int32), **items)
 
 
+class WorkdirError(UserError):
+    """The workdir cannot be created or written."""
+
+
+def check_writable(workdir: str) -> None:
+    """Creates `workdir` if needed and checks that files can be written in it (before anything is compiled)."""
+    probe = os.path.join(workdir, f".mnv2-write-test-{os.getpid()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
+def _saved_data_position(workdir: str, step: int, plan: plan_lib.Plan, process_count: int) -> int:
+    """Examples of this process's training stream consumed up to checkpoint `step`."""
+    _, position = checkpoint.restore_json(workdir, checkpoint.DATA_ITEM, step)
+    if position is None:  # written before positions were saved: every step consumed one local batch
+        return step * plan.local_batch_size
+    if position["process_count"] != process_count:
+        logging.warning(
+            "checkpoint written by %d processes, resumed by %d: each process continues its new share of the data "
+            "after %d examples (the batch order differs from an uninterrupted run)",
+            position["process_count"],
+            process_count,
+            position["examples_per_process"],
+        )
+    return position["examples_per_process"]
+
+
 def _initialise_from(state: steps.TrainState, source_workdir: str, sharding) -> steps.TrainState:
     """Takes params and batch statistics (not the optimizer state) from another run's latest checkpoint."""
     targets = {
@@ -220,6 +252,7 @@ def train_and_evaluate(
 ) -> dict[str, float]:
     """Trains (resuming from `workdir` when it holds checkpoints), evaluates and checkpoints; returns the last eval."""
     config_lib.validate(config)
+    check_writable(workdir)
     mesh = distributed.make_mesh(devices)
     process_index, process_count = distributed.mesh_process_index(mesh), distributed.mesh_process_count(mesh)
     builder = open_dataset(config)
@@ -234,13 +267,18 @@ def train_and_evaluate(
     replicated = distributed.replicated(mesh)
     init_rng = jax.random.key(config.seed)
 
-    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        checkpoint.discard_incomplete(workdir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("mnv2: incomplete checkpoints removed")
     mngr = checkpoint_manager(workdir, config)
     latest = mngr.latest_step()
+    start_example = 0  # position of this process's training stream
     if latest is not None:
         abstract = jax.eval_shape(trainer.create_state, init_rng)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
         state = _restore_state(workdir, abstract, latest)
+        start_example = _saved_data_position(workdir, latest, plan, process_count)
         logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), latest)
     else:
         state = jax.jit(trainer.create_state, out_shardings=replicated)(init_rng)
@@ -254,7 +292,7 @@ def train_and_evaluate(
         writer.write_hparams({k: v for k, v in config_lib.to_dict(config).items() if not isinstance(v, dict)})
 
     train_batches = pipeline.train_iterator(
-        builder, config, plan.local_batch_size, start_step, process_index, process_count
+        builder, config, plan.local_batch_size, start_example, process_index, process_count
     )
     hooks = []
     if jax.process_index() == 0:
@@ -299,8 +337,15 @@ def train_and_evaluate(
                     last_eval["eval/seconds"] = time.time() - started
                     writer.write_scalars(step, last_eval)
                 if checkpoint_now:
+                    position = start_example + (step - start_step) * plan.local_batch_size
                     checkpoint.save(
-                        mngr, step, state_items(state), config, metrics=last_eval if evaluate_now else None, force=True
+                        mngr,
+                        step,
+                        state_items(state),
+                        config,
+                        metrics=last_eval if evaluate_now else None,
+                        force=True,
+                        data_position={"examples_per_process": position, "process_count": process_count},
                     )
                 if preempted:
                     raise preemption.Preempted(step, checkpoint.checkpoint_dir(workdir))

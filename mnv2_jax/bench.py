@@ -133,7 +133,7 @@ def pipeline_images_per_s(config: ml_collections.ConfigDict, batch: int, steps: 
     from mnv2_jax.data import pipeline
 
     process_count, process_index = jax.process_count(), jax.process_index()
-    builder = pipeline.get_builder(config.dataset, config.data_dir)
+    builder = pipeline.builder_for(config)
     pipeline.check_split(builder, config.train_split, "config.train_split")
     local_batch = batch // process_count
     batches = pipeline.train_iterator(builder, config, local_batch, 0, process_index, process_count)

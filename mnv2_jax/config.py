@@ -72,6 +72,9 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     data.shuffle_buffer = 16_384
     data.cache = False  # cache the encoded examples in memory (small datasets)
     data.prefetch = 0  # batches to prefetch per process (0 = autotune)
+    data.corrupt_images = (
+        "fail"  # image folders: an image that does not decode stops the run (fail) or is left out (skip)
+    )
 
     # Training length and batch. Steps per epoch, total steps and the scaled learning rate are derived
     # from these in one place (`mnv2_jax.training.plan`), so overriding one keeps the rest consistent.
@@ -183,12 +186,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if model.bn_group_size is not None:
         _check_positive("model.bn_group_size", model.bn_group_size)
     _check_positive("resolution", config.resolution)
+    if config.resolution < model.output_stride:
+        raise ConfigError(
+            f"resolution={config.resolution} is smaller than model.output_stride={model.output_stride}: the last "
+            f"feature map would be all padding; use resolution >= {model.output_stride} or a smaller output stride"
+        )
     if "optimizer" in config:
         validate_training(config)
 
 
 OPTIMIZERS = ("rmsprop", "sgd", "adamw")
 NONFINITE_POLICIES = ("stop", "skip")
+CORRUPT_IMAGE_POLICIES = ("fail", "skip")  # image folders: see mnv2_jax.data.image_folder
 LR_SCALING = ("linear", "sqrt", "none")
 SCHEDULES = ("exponential", "cosine", "constant")
 
@@ -221,6 +230,7 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     _check_range("data.min_object_covered", data.min_object_covered, 0.0, 1.0, closed_high=True)
     _check_range("data.eval_crop", data.eval_crop, 1e-6, 1.0, closed_high=True)
     _check_positive("data.shuffle_buffer", data.shuffle_buffer)
+    _check_choice("data.corrupt_images", data.corrupt_images, CORRUPT_IMAGE_POLICIES)
     opt = config.optimizer
     _check_choice("on_nonfinite", config.on_nonfinite, NONFINITE_POLICIES)
     _check_choice("optimizer.name", opt.name, OPTIMIZERS)

@@ -1,13 +1,15 @@
 """Input pipelines: dataset selection, deterministic resumable training stream, exact padded evaluation."""
 
 import itertools
+import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from datasets import synthetic_imagefolder
 
 from mnv2_jax.config import base_config
-from mnv2_jax.data import local_datasets, pipeline
+from mnv2_jax.data import image_folder, local_datasets, pipeline
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,30 @@ def test_imagefolder_info_and_errors(folder, tmp_path):
 def batches(builder, config, start_batch, count, process_index=0, process_count=1, batch_size=4):
     it = pipeline.train_iterator(builder, config, batch_size, start_batch * batch_size, process_index, process_count)
     return list(itertools.islice(it, count))
+
+
+def folder_with_corrupt_images(root):
+    """A synthetic image folder plus a truncated JPEG and a text file named .png in its train split."""
+    dataset = synthetic_imagefolder(root, {"train": 12, "test": 4})
+    jpeg = tf.io.encode_jpeg(np.full((12, 12, 3), 90, np.uint8)).numpy()
+    (root / "train" / "class_0" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "train" / "class_1" / "notes.png").write_bytes(b"not an image")
+    return dataset
+
+
+def test_corrupt_images_fail_naming_the_files_or_are_skipped_and_counted(tmp_path):
+    dataset = folder_with_corrupt_images(tmp_path)
+    with pytest.raises(image_folder.CorruptImageError) as error:
+        pipeline.get_builder(dataset)
+    message = str(error.value)
+    assert "2 image(s) of split 'train'" in message and "corrupt_images=skip" in message and "\n" not in message
+    assert "truncated.jpg: jpeg::Uncompress failed" in message and "notes.png: Unknown image file format" in message
+
+    builder = pipeline.get_builder(dataset, corrupt_images="skip")
+    assert pipeline.dataset_info(builder).split_sizes == {"train": 12, "test": 4}
+    assert sorted(os.path.basename(p) for p in builder.skipped["train"]) == ["notes.png", "truncated.jpg"]
+    batch = next(pipeline.train_iterator(builder, folder_config(dataset), 12))  # one whole epoch decodes
+    assert batch["image"].shape == (12, 8, 8, 3)
 
 
 def test_training_stream_is_deterministic_and_resumable(folder):

@@ -14,6 +14,7 @@ import pytest
 from configs_loader import load
 from conftest import REPO
 from datasets import synthetic_imagefolder
+from test_data import folder_with_corrupt_images
 from test_train import small_run_config_args
 from train_helpers import BATCH, assert_bitwise_equal, fixed_batch, saved_state, tiny_config
 
@@ -187,3 +188,33 @@ def test_sigkill_anywhere_then_the_same_command_ends_bitwise_equal(tmp_path):
     assert_bitwise_equal(resumed, expected)
     records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval/top1" in r] == [3, 6]
+
+
+@pytest.mark.parametrize(
+    "case, override, message",
+    [
+        ("batch", "--config.batch_size=12", "batch_size=12 must be divisible by the number of devices (8)"),
+        ("corrupt", None, "2 image(s) of split 'train' in"),
+        ("workdir", None, "is not writable: Not a directory"),
+        ("dataset", "--config.dataset=imagenet2013", "dataset 'imagenet2013' is not a TFDS dataset"),
+        ("split", "--config.eval_split=validation", "eval_split='validation' is not a split of"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_compile_or_write(mnv2, tmp_path, monkeypatch, case, override, message):
+    def compile_nothing(*args, **kwargs):
+        raise AssertionError("the trainer was built before the input was checked")
+
+    monkeypatch.setattr(train, "build_trainer", compile_nothing)
+    if case == "corrupt":
+        dataset = folder_with_corrupt_images(tmp_path / "corrupt")
+    else:
+        dataset = synthetic_imagefolder(tmp_path / "folder", {"train": 40, "test": 8})
+    workdir = tmp_path / "run"
+    if case == "workdir":
+        (tmp_path / "a_file").write_text("")
+        workdir = tmp_path / "a_file" / "run"
+    args = small_run_config_args(dataset) + ([override] if override else [])
+    status, _, err = mnv2("train", "--workdir", workdir, *args)
+    assert status == 2 and message in err, err[-2000:]
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "error:" in line]) == 1
+    assert not workdir.exists()

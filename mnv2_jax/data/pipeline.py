@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mnv2_jax.data import local_datasets, preprocessing
+from mnv2_jax.data import image_folder, local_datasets, preprocessing
 from mnv2_jax.errors import UserError
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
@@ -49,8 +49,13 @@ def _hide_accelerators_from_tf() -> None:
         pass
 
 
-def get_builder(dataset: str, data_dir: str | None = None, prepare: bool = True) -> tfds.core.DatasetBuilder:
+def get_builder(
+    dataset: str, data_dir: str | None = None, prepare: bool = True, corrupt_images: str = "fail"
+) -> tfds.core.DatasetBuilder:
     """The TFDS builder for `dataset`: a registered TFDS name, or `imagefolder:<root>`.
+
+    An image folder's files are all decoded once here; `corrupt_images` (`fail`
+    or `skip`) says what to do with those that do not decode.
 
     With `prepare`, a dataset that is not prepared yet is built from local files
     when we know how (Fashion-MNIST from Debian's package), else downloaded and
@@ -63,7 +68,7 @@ def get_builder(dataset: str, data_dir: str | None = None, prepare: bool = True)
             raise DatasetError(
                 f"dataset {dataset!r}: {root} is not a directory (expected root/<split>/<class>/<image>)"
             )
-        return tfds.folder_dataset.ImageFolder(root)
+        return image_folder.CheckedImageFolder(root, corrupt_images)
     if dataset not in tfds.list_builders():
         raise DatasetError(
             f"dataset {dataset!r} is not a TFDS dataset; use a name from tfds.list_builders() "
@@ -76,6 +81,11 @@ def get_builder(dataset: str, data_dir: str | None = None, prepare: bool = True)
         else:
             builder.download_and_prepare()
     return builder
+
+
+def builder_for(config: ml_collections.ConfigDict, prepare: bool = True) -> tfds.core.DatasetBuilder:
+    """`get_builder` for a config's `dataset`, `data_dir` and `data.corrupt_images`."""
+    return get_builder(config.dataset, config.data_dir, prepare, config.data.corrupt_images)
 
 
 def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:

@@ -98,7 +98,7 @@ def calibration_images(config: ml_collections.ConfigDict, source: str | None, co
         return [preprocessing.normalize(p, config.model.preprocessing).astype(np.float32) for p in pixels]
     from mnv2_jax.data import pipeline
 
-    builder = pipeline.get_builder(config.dataset, config.data_dir)
+    builder = pipeline.builder_for(config)
     pipeline.check_split(builder, config.eval_split, "config.eval_split")
     batches, _ = pipeline.eval_batches(builder, config, local_batch_size=1)
     return [batch["image"][0] for batch in batches.take(count).as_numpy_iterator()]
@@ -121,7 +121,7 @@ def _class_names(config: ml_collections.ConfigDict, names: Sequence[str] | None)
     try:
         from mnv2_jax.data import pipeline
 
-        info = pipeline.dataset_info(pipeline.get_builder(config.dataset, config.data_dir, prepare=False))
+        info = pipeline.dataset_info(pipeline.builder_for(config, prepare=False))
     except Exception:  # class names are a convenience: the dataset may not be on this machine
         return None
     return list(info.class_names) if len(info.class_names) == config.model.num_classes else None

@@ -53,12 +53,12 @@ def resolve_num_classes(config: ml_collections.ConfigDict, info: pipeline.Datase
 def open_dataset(config: ml_collections.ConfigDict):
     """The dataset's builder; process 0 prepares it (download or local files) while the others wait."""
     if jax.process_count() == 1:
-        return pipeline.get_builder(config.dataset, config.data_dir)
+        return pipeline.builder_for(config)
     if jax.process_index() == 0:
-        builder = pipeline.get_builder(config.dataset, config.data_dir)
+        builder = pipeline.builder_for(config)
     multihost_utils.sync_global_devices("mnv2: dataset prepared")
     if jax.process_index() != 0:
-        builder = pipeline.get_builder(config.dataset, config.data_dir, prepare=False)
+        builder = pipeline.builder_for(config, prepare=False)
     return builder
 
 
@@ -252,7 +252,6 @@ def train_and_evaluate(
 ) -> dict[str, float]:
     """Trains (resuming from `workdir` when it holds checkpoints), evaluates and checkpoints; returns the last eval."""
     config_lib.validate(config)
-    check_writable(workdir)
     mesh = distributed.make_mesh(devices)
     process_index, process_count = distributed.mesh_process_index(mesh), distributed.mesh_process_count(mesh)
     builder = open_dataset(config)
@@ -262,6 +261,7 @@ def train_and_evaluate(
     config = resolve_num_classes(config, info)
     plan = plan_lib.make_plan(config, num_train, num_eval, mesh.size, process_count)
     logging.info("plan: %s", plan)
+    check_writable(workdir)
 
     trainer = build_trainer(config, plan, mesh)
     replicated = distributed.replicated(mesh)
@@ -290,6 +290,11 @@ def train_and_evaluate(
     _write_config(workdir, config)
     if start_step == 0:
         writer.write_hparams({k: v for k, v in config_lib.to_dict(config).items() if not isinstance(v, dict)})
+    skipped = getattr(builder, "skipped", {})  # undecodable images left out under data.corrupt_images=skip
+    if skipped:
+        writer.write_scalars(
+            start_step, {f"data/skipped_images/{split}": len(files) for split, files in skipped.items()}
+        )
 
     train_batches = pipeline.train_iterator(
         builder, config, plan.local_batch_size, start_example, process_index, process_count

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,6 +88,15 @@ def test_skip_policy_drops_the_update_and_finishes(tmp_path, nan_at_step_3):
     assert flags[3] == 1 and flags[2] == 0 and flags[4] == 0
 
 
+def wait_for_logged_step(workdir, step: int, children, timeout_s: float = 240) -> None:
+    """Waits until the run in `workdir` has logged metrics for `step` (its processes must stay alive)."""
+    metrics_file, deadline = workdir / "metrics.jsonl", time.time() + timeout_s
+    while f'"step": {step},' not in (metrics_file.read_text() if metrics_file.exists() else ""):
+        assert all(child.poll() is None for child in children), "a process exited early"
+        assert time.time() < deadline, f"step {step} not logged within {timeout_s} s"
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes_identically(tmp_path):
     folder = synthetic_imagefolder(tmp_path / "folder", {"train": 40, "test": 13})
@@ -95,9 +105,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes_identically
     command += small_run_config_args(folder, log_every_steps=1, checkpoint_every_steps=100)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics_file, deadline = workdir / "metrics.jsonl", time.time() + 240
-    while time.time() < deadline and '"step": 2,' not in (metrics_file.read_text() if metrics_file.exists() else ""):
-        time.sleep(0.05)
+    wait_for_logged_step(workdir, 2, [child])
     child.send_signal(signal.SIGTERM)
     _, err = child.communicate(timeout=240)
     assert child.returncode == 128 + signal.SIGTERM, err[-3000:]
@@ -218,3 +226,51 @@ def test_bad_input_is_one_line_before_any_compile_or_write(mnv2, tmp_path, monke
     assert status == 2 and message in err, err[-2000:]
     assert "Traceback" not in err and len([line for line in err.splitlines() if "error:" in line]) == 1
     assert not workdir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_dead_process_makes_the_others_fail_clearly_instead_of_hanging(tmp_path, victim):
+    """Two processes train; one is SIGKILLed mid-run (0 is also JAX's coordinator); the survivor must exit with a
+    clear error within a minute instead of waiting in a collective."""
+    folder = synthetic_imagefolder(tmp_path / "folder", {"train": 40, "test": 8})
+    args = small_run_config_args(folder, num_train_steps=100_000, log_every_steps=1, checkpoint_every_steps=100_000)
+    workdir = tmp_path / "run"
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        address = f"localhost:{probe.getsockname()[1]}"
+    children, logs = [], []
+    for process in range(2):
+        env = {
+            **os.environ,
+            "MNV2_COORDINATOR_ADDRESS": address,
+            "MNV2_NUM_PROCESSES": "2",
+            "MNV2_PROCESS_ID": str(process),
+            "MNV2_HEARTBEAT_TIMEOUT_S": "10",
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        }
+        logs.append(tmp_path / f"process{process}.log")
+        command = [sys.executable, "-m", "mnv2_jax.cli.main", "train", "--workdir", str(workdir), *args]
+        with open(logs[-1], "w") as log:
+            children.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        metrics_file, deadline = workdir / "metrics.jsonl", time.time() + 240
+        while time.time() < deadline and '"step": 3,' not in (
+            metrics_file.read_text() if metrics_file.exists() else ""
+        ):
+            assert all(child.poll() is None for child in children), logs[0].read_text()[-3000:]
+            time.sleep(0.1)
+        children[victim].kill()
+        killed_at = time.time()
+        survivor = children[1 - victim]
+        status = survivor.wait(timeout=60)
+        waited = time.time() - killed_at
+    finally:
+        for child in children:
+            child.kill()
+    log = logs[1 - victim].read_text()
+    assert status == 3, log[-3000:]
+    assert f"process {1 - victim} of 2 lost contact with another process at step" in log, log[-3000:]
+    assert "Restart the whole job: it resumes from the start (no checkpoint yet)" in log
+    assert waited < 60

@@ -6,6 +6,7 @@ Resumes automatically from the workdir's latest checkpoint. Several processes
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import flags, logging
@@ -31,5 +32,9 @@ def main(argv: list[str]) -> int | None:
     except preemption.Preempted as e:
         print(f"{argv[0]}: {e}", file=sys.stderr)
         return preemption.PREEMPTED_EXIT_STATUS
+    except distributed.LostProcessError as e:
+        print(f"{argv[0]}: error: {e}", file=sys.stderr, flush=True)
+        # Exit now: JAX's exit-time shutdown would wait at a barrier for the dead process until its heartbeat timeout.
+        os._exit(distributed.LOST_PROCESS_EXIT_STATUS)
     logging.info("final evaluation: %s", results)
     print(" ".join(f"{k}={v:.4f}" for k, v in results.items()))

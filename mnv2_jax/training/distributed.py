@@ -12,12 +12,39 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mnv2_jax.errors import UserError
+
 DATA_AXIS = "data"
 
 # Set by `launch/local.py` (and usable by any launcher) to start a multi-process job without a cluster manager.
 COORDINATOR_ENV = "MNV2_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "MNV2_NUM_PROCESSES"
 PROCESS_ID_ENV = "MNV2_PROCESS_ID"
+# Seconds without a heartbeat after which JAX's coordination service declares a process dead (JAX's default: 100).
+HEARTBEAT_TIMEOUT_ENV = "MNV2_HEARTBEAT_TIMEOUT_S"
+LOST_PROCESS_EXIT_STATUS = 3
+
+# Text of the runtime errors that a dead or unreachable peer causes (Gloo/NCCL collectives, the coordination service).
+_LOST_PROCESS_MARKERS = ("gloo", "nccl", "connection", "heartbeat", "unavailable", "deadline_exceeded", "socket")
+
+
+class LostProcessError(RuntimeError):
+    """Another process of a multi-process run died or became unreachable; this one cannot go on."""
+
+    def __init__(self, step: int, cause: Exception, latest_checkpoint: int | None):
+        resume = f"step {latest_checkpoint}" if latest_checkpoint is not None else "the start (no checkpoint yet)"
+        reason = str(cause).strip().splitlines()[0][:300]
+        super().__init__(
+            f"process {jax.process_index()} of {jax.process_count()} lost contact with another process at step "
+            f"{step} ({reason}); that process probably died or was preempted. Restart the whole job: it resumes "
+            f"from {resume}"
+        )
+
+
+def is_lost_process(error: Exception) -> bool:
+    """Whether a runtime error of a multi-process run comes from a peer that died or cannot be reached."""
+    text = str(error).lower()
+    return jax.process_count() > 1 and any(marker in text for marker in _LOST_PROCESS_MARKERS)
 
 
 def maybe_initialize(timeout_s: int = 300) -> None:
@@ -25,19 +52,21 @@ def maybe_initialize(timeout_s: int = 300) -> None:
 
     Explicit settings come from the MNV2_* environment variables; on TPU pods,
     SLURM and Open MPI jobs JAX discovers them itself (`MNV2_DISTRIBUTED=1`).
-    A single process needs nothing.
+    A single process needs nothing. A process that stops sending heartbeats for
+    `MNV2_HEARTBEAT_TIMEOUT_S` seconds is declared dead and the others stop.
     """
     if jax.distributed.is_initialized():
         return
+    timeouts = dict(initialization_timeout=timeout_s, heartbeat_timeout_seconds=heartbeat_timeout_s())
     if COORDINATOR_ENV in os.environ:
         jax.distributed.initialize(
             coordinator_address=os.environ[COORDINATOR_ENV],
             num_processes=int(os.environ[NUM_PROCESSES_ENV]),
             process_id=int(os.environ[PROCESS_ID_ENV]),
-            initialization_timeout=timeout_s,
+            **timeouts,
         )
     elif os.environ.get("MNV2_DISTRIBUTED") == "1":
-        jax.distributed.initialize(initialization_timeout=timeout_s)
+        jax.distributed.initialize(**timeouts)
     logging.info(
         "process %d of %d; %d local and %d global devices (%s)",
         jax.process_index(),
@@ -46,6 +75,13 @@ def maybe_initialize(timeout_s: int = 300) -> None:
         jax.device_count(),
         jax.default_backend(),
     )
+
+
+def heartbeat_timeout_s() -> int:
+    value = os.environ.get(HEARTBEAT_TIMEOUT_ENV, "100")
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{HEARTBEAT_TIMEOUT_ENV} must be a positive number of seconds, got {value!r}")
+    return int(value)
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

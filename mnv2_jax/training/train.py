@@ -313,6 +313,7 @@ def train_and_evaluate(
     pending: list[dict[str, jax.Array]] = []
     unchecked: list[tuple[int, jax.Array]] = []  # (step, non-finite flag) not yet looked at on the host
     logging.info("training steps %d..%d of %d", start_step + 1, plan.total_steps, plan.total_steps)
+    step, lost_process = start_step, False
     with preemption.PreemptionNotice() as notice:
         try:
             for step in range(start_step + 1, plan.total_steps + 1):
@@ -354,9 +355,15 @@ def train_and_evaluate(
                     )
                 if preempted:
                     raise preemption.Preempted(step, checkpoint.checkpoint_dir(workdir))
+        except jax.errors.JaxRuntimeError as e:
+            if not distributed.is_lost_process(e):
+                raise
+            lost_process = True  # waiting for checkpoint writes would wait on the dead process
+            raise distributed.LostProcessError(step, e, mngr.latest_step()) from e
         finally:
-            mngr.wait_until_finished()
-            mngr.close()
+            if not lost_process:
+                mngr.wait_until_finished()
+                mngr.close()
             writer.flush()
     if jax.process_index() == 0:
         logging.info("TensorBoard logs: %s", os.path.join(os.path.abspath(workdir), "tensorboard"))

@@ -186,11 +186,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if model.bn_group_size is not None:
         _check_positive("model.bn_group_size", model.bn_group_size)
     _check_positive("resolution", config.resolution)
-    if config.resolution < model.output_stride:
-        raise ConfigError(
-            f"resolution={config.resolution} is smaller than model.output_stride={model.output_stride}: the last "
-            f"feature map would be all padding; use resolution >= {model.output_stride} or a smaller output stride"
-        )
     if "optimizer" in config:
         validate_training(config)
 

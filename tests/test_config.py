@@ -42,7 +42,7 @@ def test_torch_convention_preset():
         (["--config.model.stage_expansion=(6, 6)"], "model.stage_expansion needs 7 values"),
         (["--config.model.num_classes=-3"], "model.num_classes must be an int >= 0"),
         (["--config.on_nonfinite=ignore"], "on_nonfinite must be one of ('stop', 'skip'), got 'ignore'"),
-        (["--config.resolution=16"], "resolution=16 is smaller than model.output_stride=32"),
+        (["--config.resolution=0"], "resolution must be a positive int, got 0"),
         (["--config.data.corrupt_images=keep"], "data.corrupt_images must be one of ('fail', 'skip'), got 'keep'"),
     ],
 )

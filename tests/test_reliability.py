@@ -20,6 +20,7 @@ from test_train import small_run_config_args
 from train_helpers import BATCH, assert_bitwise_equal, fixed_batch, saved_state, tiny_config
 
 from mnv2_jax.data import pipeline
+from mnv2_jax.errors import UserError
 from mnv2_jax.training import checkpoint, distributed, plan, train
 
 
@@ -274,3 +275,11 @@ def test_a_dead_process_makes_the_others_fail_clearly_instead_of_hanging(tmp_pat
     assert f"process {1 - victim} of 2 lost contact with another process at step" in log, log[-3000:]
     assert "Restart the whole job: it resumes from the start (no checkpoint yet)" in log
     assert waited < 60
+
+
+def test_heartbeat_timeout_must_be_positive_seconds(monkeypatch):
+    monkeypatch.setenv(distributed.HEARTBEAT_TIMEOUT_ENV, "30")
+    assert distributed.heartbeat_timeout_s() == 30
+    monkeypatch.setenv(distributed.HEARTBEAT_TIMEOUT_ENV, "-5")
+    with pytest.raises(UserError, match="MNV2_HEARTBEAT_TIMEOUT_S must be a positive number of seconds, got '-5'"):
+        distributed.heartbeat_timeout_s()

@@ -15,7 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from mnv2_jax.errors import UserError
-from mnv2_jax.models.layers import DEPTHWISE_IMPLEMENTATIONS, PADDING_MODES
+from mnv2_jax.models.layers import DEPTHWISE_IMPLEMENTATIONS, PADDING_MODES, POINTWISE_IMPLEMENTATIONS
 from mnv2_jax.models.mobilenet_v2 import BLOCK_STAGES, OUTPUT_STRIDES, RESIDUAL_MODES
 
 # Framework conventions: padding, BN decay/epsilon and input normalisation of each reference.
@@ -51,7 +51,8 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     model.nonlinear_bottleneck = False
     model.divisible_by = 8
     model.min_depth = 8
-    model.depthwise = "auto"
+    model.depthwise = "auto"  # CPU: shifted multiply-adds; elsewhere: XLA grouped convolution
+    model.pointwise = "auto"  # 1x1 convs; CPU: matrix products; elsewhere: XLA convolution
     model.remat = False  # recompute each block's expanded tensors in the backward pass: less memory, more FLOPs
     model.bn_group_size = config_dict.placeholder(int)
     model.init_stddev = 0.09
@@ -176,6 +177,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice("model.residual", model.residual, RESIDUAL_MODES)
     _check_choice("model.padding", model.padding, PADDING_MODES)
     _check_choice("model.depthwise", model.depthwise, ("auto", *DEPTHWISE_IMPLEMENTATIONS))
+    _check_choice("model.pointwise", model.pointwise, ("auto", *POINTWISE_IMPLEMENTATIONS))
     _check_choice("model.preprocessing", model.preprocessing, PREPROCESSING_MODES)
     _check_choice("model.dtype", model.dtype, DTYPES)
     _check_positive("model.divisible_by", model.divisible_by)

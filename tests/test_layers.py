@@ -1,4 +1,4 @@
-"""Channel rounding, padding conventions and the depthwise implementations."""
+"""Channel rounding, padding conventions, the depthwise and 1x1 implementations, ReLU6 and batch norm."""
 
 import itertools
 
@@ -14,7 +14,11 @@ from mnv2_jax.models.layers import (
     depthwise_grouped,
     depthwise_shifted,
     make_divisible,
+    pointwise_conv,
+    pointwise_dot,
+    relu6,
     resolve_depthwise,
+    resolve_pointwise,
 )
 
 
@@ -69,14 +73,24 @@ def test_shifted_depthwise_equals_grouped_convolution(size, stride, dilation, mo
 
 
 @pytest.mark.parametrize(
-    "stride, dilation, mode, chunk_bytes",
-    [(2, 1, "same", None), (1, 1, "symmetric", None), (1, 2, "same", 1), (2, 1, "symmetric", 3000)],
+    "stride, dilation, mode, chunk_bytes, size",
+    [
+        (2, 1, "same", None, 9),
+        (2, 1, "same", None, 8),
+        (1, 1, "symmetric", None, 9),
+        (1, 2, "same", 1, 9),
+        (1, 4, "symmetric", None, 7),
+        (2, 2, "same", None, 10),
+        (2, 1, "symmetric", 3000, 9),
+        (2, 1, "symmetric", None, 4),
+    ],
 )
-def test_depthwise_gradients_agree(monkeypatch, stride, dilation, mode, chunk_bytes):
-    """The shifted form's own VJP (kernel gradient looped over batch chunks) equals autodiff of the grouped conv."""
+def test_depthwise_gradients_agree(monkeypatch, stride, dilation, mode, chunk_bytes, size):
+    """The shifted form's own VJP (transposed input gradient, kernel gradient looped over batch chunks) equals
+    autodiff of the grouped conv, for odd and even sizes (TF's 'same' drops or pads the last row)."""
     if chunk_bytes is not None:  # force several chunks: 1 image per step, or a few
         monkeypatch.setattr(layers, "_KERNEL_GRAD_CHUNK_BYTES", chunk_bytes)
-    x = jax.random.normal(jax.random.key(0), (6, 9, 8, 4))
+    x = jax.random.normal(jax.random.key(0), (6, size, size - 1, 4))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 4))
     padding = tuple(conv_padding(s, 3, stride, dilation, mode) for s in x.shape[1:3])
 
@@ -94,6 +108,44 @@ def test_resolve_depthwise_auto_and_errors():
     assert resolve_depthwise("auto", "gpu") is depthwise_grouped
     with pytest.raises(ValueError, match=r"model\.depthwise must be one of"):
         resolve_depthwise("fft")
+
+
+def test_pointwise_dot_equals_convolution_with_gradients():
+    x = jax.random.normal(jax.random.key(0), (3, 5, 4, 6))
+    kernel = jax.random.normal(jax.random.key(1), (1, 1, 6, 7))
+
+    def value_and_grads(fn):
+        return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k))), argnums=(0, 1)))(x, kernel)
+
+    expected, actual = value_and_grads(pointwise_conv), value_and_grads(pointwise_dot)
+    assert pointwise_dot(x, kernel).shape == (3, 5, 4, 7)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert resolve_pointwise("auto", "cpu") is pointwise_dot
+    assert resolve_pointwise("auto", "tpu") is pointwise_conv
+    with pytest.raises(ValueError, match=r"model\.pointwise must be one of \('auto', 'conv', 'dot'\)"):
+        resolve_pointwise("winograd")
+
+
+def test_relu6_value_and_gradient_match_tensorflow_and_torch():
+    """Including exactly 0 and 6, where `jnp.clip`'s own gradient would give 0.5."""
+    import tensorflow as tf
+    import torch
+
+    x = np.array([-1.0, 0.0, 1e-7, 3.0, 6.0 - 1e-6, 6.0, 7.5], np.float32)
+    value, grad = jax.value_and_grad(lambda x: jnp.sum(relu6(x) * jnp.arange(1.0, 8.0)))(jnp.asarray(x))
+    grad_of_sum = jax.grad(lambda x: jnp.sum(relu6(x)))(jnp.asarray(x))
+
+    tf_x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(tf_x)
+        tf_y = tf.nn.relu6(tf_x)
+    np.testing.assert_array_equal(grad_of_sum, tape.gradient(tf_y, tf_x).numpy())
+    torch_x = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.relu6(torch_x).sum().backward()
+    np.testing.assert_array_equal(grad_of_sum, torch_x.grad.numpy())
+    assert float(value) == pytest.approx(float(np.sum(np.clip(x, 0, 6) * np.arange(1.0, 8.0))))
+    np.testing.assert_array_equal(grad, np.where((x > 0) & (x < 6), np.arange(1.0, 8.0), 0.0))
 
 
 def test_batch_norm_global_and_grouped_statistics():

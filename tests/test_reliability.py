@@ -233,7 +233,8 @@ def test_bad_input_is_one_line_before_any_compile_or_write(mnv2, tmp_path, monke
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_dead_process_makes_the_others_fail_clearly_instead_of_hanging(tmp_path, victim):
     """Two processes train; one is SIGKILLed mid-run (0 is also JAX's coordinator); the survivor must exit with a
-    clear error within a minute instead of waiting in a collective."""
+    clear error within a minute instead of waiting in a collective: ours (status 3) when its next collective
+    fails, JAX's abort when the heartbeat timeout comes first (a slow step on a loaded machine)."""
     folder = synthetic_imagefolder(tmp_path / "folder", {"train": 40, "test": 8})
     args = small_run_config_args(folder, num_train_steps=100_000, log_every_steps=1, checkpoint_every_steps=100_000)
     workdir = tmp_path / "run"
@@ -271,10 +272,15 @@ def test_a_dead_process_makes_the_others_fail_clearly_instead_of_hanging(tmp_pat
         for child in children:
             child.kill()
     log = logs[1 - victim].read_text()
+    assert waited < 60
+    if status == -signal.SIGABRT:
+        # JAX's coordination service noticed the missing heartbeats before a collective failed: it aborts the
+        # process itself, with its own message (documented in README "Several processes").
+        assert "JAX distributed service detected fatal errors" in log and "another task died" in log, log[-3000:]
+        return
     assert status == 3, log[-3000:]
     assert f"process {1 - victim} of 2 lost contact with another process at step" in log, log[-3000:]
     assert "Restart the whole job: it resumes from the start (no checkpoint yet)" in log
-    assert waited < 60
 
 
 def test_heartbeat_timeout_must_be_positive_seconds(monkeypatch):

@@ -22,6 +22,7 @@ def build_model(model_config: ml_collections.ConfigDict, **overrides) -> MobileN
         bn_epsilon=cfg.bn_epsilon,
         bn_group_size=cfg.bn_group_size,
         depthwise=cfg.depthwise,
+        pointwise=cfg.pointwise,
         init_stddev=cfg.init_stddev,
         dtype=jnp.dtype(cfg.dtype),
     )

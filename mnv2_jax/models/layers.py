@@ -133,8 +133,9 @@ def depthwise_shifted(
     """Depthwise convolution as a sum of kh*kw shifted, strided slices times a per-channel weight.
 
     Numerically the same operation as `depthwise_grouped`; XLA fuses it into one
-    loop, which is much faster than its grouped convolution on CPU. The kernel
-    gradient has its own cache-friendly implementation (`_kernel_gradient`).
+    loop, which is much faster than its grouped convolution on CPU. Both gradients
+    have their own implementations: the input gradient is one shifted pass too
+    (`_input_gradient`), the kernel gradient is cache-friendly (`_kernel_gradient`).
     """
     return _shifted_forward(x, kernel, strides, padding, dilation)
 
@@ -143,10 +144,27 @@ def _depthwise_shifted_fwd(x, kernel, strides, padding, dilation):
     return _shifted_forward(x, kernel, strides, padding, dilation), (x, kernel)
 
 
+def _input_gradient(grad_out, kernel, input_hw, strides, padding, dilation):
+    """d loss / d input, as one shifted depthwise pass (the transposed convolution).
+
+    The output gradient is spread out by the stride (interior padding), padded so that every input pixel
+    sees the taps that read it, and correlated with the flipped kernel at stride 1. Autodiff of the
+    forward would instead write kh*kw full-size padded tensors, one per tap, and add them.
+    """
+    pad_config = [(0, 0, 0)]
+    for size, taps, stride, rate, (before, _), out in zip(
+        input_hw, kernel.shape[:2], strides, dilation, padding, grad_out.shape[1:3], strict=True
+    ):
+        low = (taps - 1) * rate - before
+        pad_config.append((low, size + before - (out - 1) * stride - 1, stride - 1))
+    pad_config.append((0, 0, 0))
+    spread = lax.pad(grad_out, jnp.zeros((), grad_out.dtype), pad_config)
+    return _shifted_forward(spread, kernel[::-1, ::-1], (1, 1), ((0, 0), (0, 0)), dilation)
+
+
 def _depthwise_shifted_bwd(strides, padding, dilation, residuals, grad_out):
     x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda x: _shifted_forward(x, kernel, strides, padding, dilation), x)
-    (grad_x,) = input_vjp(grad_out)
+    grad_x = _input_gradient(grad_out, kernel, x.shape[1:3], strides, padding, dilation)
     grad_kernel = _kernel_gradient(x, grad_out, kernel.shape, strides, padding, dilation)
     return grad_x, grad_kernel.astype(kernel.dtype)
 
@@ -160,16 +178,45 @@ DEPTHWISE_IMPLEMENTATIONS: dict[str, DepthwiseFn] = {
 }
 
 
+def _resolve(field: str, name: str, implementations: dict, fastest: dict[str, str], backend: str | None):
+    """`auto` takes `fastest[backend]` (measured), else the first implementation (the native XLA op)."""
+    if name == "auto":
+        name = fastest.get(backend or jax.default_backend(), next(iter(implementations)))
+    try:
+        return implementations[name]
+    except KeyError:
+        raise ValueError(f"{field} must be one of {('auto', *implementations)}, got {name!r}") from None
+
+
 def resolve_depthwise(name: str, backend: str | None = None) -> DepthwiseFn:
     """Returns the depthwise implementation; `auto` picks the fastest measured one per backend."""
-    if name == "auto":
-        backend = backend or jax.default_backend()
-        name = "shifted" if backend == "cpu" else "grouped"
-    try:
-        return DEPTHWISE_IMPLEMENTATIONS[name]
-    except KeyError:
-        allowed = ("auto", *DEPTHWISE_IMPLEMENTATIONS)
-        raise ValueError(f"model.depthwise must be one of {allowed}, got {name!r}") from None
+    return _resolve("model.depthwise", name, DEPTHWISE_IMPLEMENTATIONS, {"cpu": "shifted"}, backend)
+
+
+def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """1x1 stride-1 convolution as XLA's convolution (native Conv ops in exported graphs)."""
+    return lax.conv_general_dilated(x, kernel, (1, 1), ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def pointwise_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """1x1 stride-1 convolution as a matrix product over the channel axis.
+
+    The same operation as `pointwise_conv`; on CPU XLA runs it and both of its
+    gradients as plain matrix products instead of (much slower) convolutions.
+    """
+    rows = x.reshape(-1, x.shape[-1])  # 2-D, so the kernel gradient is one (pixels, in)^T x (pixels, out) product
+    return (rows @ kernel.reshape(kernel.shape[-2:])).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+POINTWISE_IMPLEMENTATIONS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "conv": pointwise_conv,
+    "dot": pointwise_dot,
+}
+
+
+def resolve_pointwise(name: str, backend: str | None = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Returns the 1x1 convolution implementation; `auto` picks the fastest measured one per backend."""
+    return _resolve("model.pointwise", name, POINTWISE_IMPLEMENTATIONS, {"cpu": "dot"}, backend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +228,7 @@ class Conventions:
     bn_epsilon: float = 1e-3
     bn_group_size: int | None = None
     depthwise: str = "auto"
+    pointwise: str = "auto"
     init_stddev: float = 0.09
     dtype: jnp.dtype = jnp.float32
 
@@ -190,8 +238,20 @@ class Conventions:
         return jnp.promote_types(self.dtype, jnp.float32)
 
 
+@jax.custom_jvp
 def relu6(x: jax.Array) -> jax.Array:
+    """min(max(x, 0), 6), with TF's and PyTorch's gradient: 1 strictly inside (0, 6), else 0.
+
+    (`jnp.clip`'s own gradient splits ties, 0.5 at exactly 0 or 6, and costs extra passes.)
+    """
     return jnp.clip(x, 0, 6)
+
+
+@relu6.defjvp
+def _relu6_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    inside = (x > 0) & (x < 6)
+    return jnp.clip(x, 0, 6), jnp.where(inside, dx, jnp.zeros_like(dx))
 
 
 class BatchNorm(nn.Module):
@@ -273,6 +333,8 @@ class ConvBN(nn.Module):
         strides, dilation = (self.stride, self.stride), (self.dilation, self.dilation)
         if self.depthwise:
             y = resolve_depthwise(conv.depthwise)(x, kernel, strides, padding, dilation)
+        elif k == 1 and self.stride == 1:
+            y = resolve_pointwise(conv.pointwise)(x, kernel)
         else:
             y = lax.conv_general_dilated(
                 x,

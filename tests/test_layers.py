@@ -10,6 +10,7 @@ import pytest
 from mnv2_jax.models import layers
 from mnv2_jax.models.layers import (
     BatchNorm,
+    batch_normalize,
     conv_padding,
     depthwise_grouped,
     depthwise_shifted,
@@ -146,6 +147,35 @@ def test_relu6_value_and_gradient_match_tensorflow_and_torch():
     np.testing.assert_array_equal(grad_of_sum, torch_x.grad.numpy())
     assert float(value) == pytest.approx(float(np.sum(np.clip(x, 0, 6) * np.arange(1.0, 8.0))))
     np.testing.assert_array_equal(grad, np.where((x > 0) & (x < 6), np.arange(1.0, 8.0), 0.0))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_batch_norm_gradient_equals_autodiff_of_the_two_pass_moments(groups):
+    """`batch_normalize`'s own VJP against JAX differentiating tf.nn.moments' formula, in float64, with the
+    moments feeding the loss too (as they would if a loss used them)."""
+    with jax.enable_x64():
+        x = jax.random.normal(jax.random.key(0), (groups, 3, 4, 5, 6), jnp.float64) * 3 + 1
+        scale = jax.random.normal(jax.random.key(1), (6,), jnp.float64)
+        bias = jax.random.normal(jax.random.key(2), (6,), jnp.float64)
+
+        def reference(x, scale, bias):
+            mean = jnp.mean(x, (1, 2, 3), keepdims=True)
+            var = jnp.mean(jnp.square(x - mean), (1, 2, 3), keepdims=True)
+            return (x - mean) * scale * jax.lax.rsqrt(var + 1e-3) + bias, mean, var
+
+        def loss(fn):
+            def value(x, scale, bias):
+                y, mean, var = fn(x, scale, bias)
+                return jnp.sum(jnp.sin(y)) + jnp.sum(mean**2) + jnp.sum(jnp.cos(var))
+
+            return jax.grad(value, argnums=(0, 1, 2))
+
+        expected = loss(reference)(x, scale, bias)
+        actual = jax.jit(loss(lambda x, s, b: batch_normalize(x, s, b, 1e-3)))(x, scale, bias)
+        for a, b in zip(expected, actual, strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12)
+        for a, b in zip(reference(x, scale, bias), batch_normalize(x, scale, bias, 1e-3), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
 
 
 def test_batch_norm_global_and_grouped_statistics():

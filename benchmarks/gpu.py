@@ -3,9 +3,10 @@
     python benchmarks/gpu.py [--batch 256] [--seconds 10] [--json OUT]
 
 Needs only jax, flax, optax, ml_collections, torch, torchvision and timm (no TensorFlow): the train step is the
-trainer's own (`mnv2_jax.training.steps`) on synthetic inputs. Ours is timed for both depthwise implementations so
-the faster one on this backend can be chosen (`model.depthwise`). Peers run with AMP (bf16 autocast) and
-channels_last, eager and under `torch.compile`. See `benchmarks/gpu.sh` for the one-command device run.
+trainer's own (`mnv2_jax.training.steps`) on synthetic inputs. Ours is timed for both depthwise implementations and
+both 1x1 implementations, so the faster ones on this backend can be chosen (`model.depthwise`, `model.pointwise`).
+Peers run with AMP (bf16 autocast) and channels_last, eager and under `torch.compile`. See `benchmarks/gpu.sh` for
+the one-command device run.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from mnv2_jax.models import build_model
 from mnv2_jax.training import optim, plan, steps
 
 
-def ours(mode: str, dtype: str, depthwise: str, batch: int, resolution: int):
+def ours(mode: str, dtype: str, depthwise: str, pointwise: str, batch: int, resolution: int):
     config = base_config("tf")
     config.resolution = resolution
     config.batch_size = batch
     config.model.dtype = dtype
     config.model.depthwise = depthwise
+    config.model.pointwise = pointwise
     model = build_model(config.model)
     run_plan = plan.make_plan(config, 1000 * batch, batch, 1, 1)
     tx = optim.make_optimizer(config, run_plan)
@@ -125,11 +127,14 @@ def main() -> None:
     for mode in ("train", "infer"):
         rows = {}
         systems = {}
-        for dtype in ("float32", "bfloat16"):
-            for depthwise in ("grouped", "shifted"):
-                systems[f"mnv2_jax {dtype} {depthwise}"] = lambda m=mode, d=dtype, w=depthwise: ours(
-                    m, d, w, args.batch, args.resolution
-                )
+        variants = [
+            (dtype, depthwise, "conv") for dtype in ("float32", "bfloat16") for depthwise in ("grouped", "shifted")
+        ]
+        variants += [("float32", "grouped", "dot"), ("bfloat16", "grouped", "dot")]
+        for dtype, depthwise, pointwise in variants:
+            systems[f"mnv2_jax {dtype} {depthwise} 1x1-{pointwise}"] = lambda m=mode, v=(dtype, depthwise, pointwise): (
+                ours(m, *v, args.batch, args.resolution)
+            )
         for peer in ("torchvision", "timm"):
             for compiled in (False, True):
                 label = f"{peer} AMP bf16 channels_last{' compile' if compiled else ''}"

@@ -188,6 +188,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if model.bn_group_size is not None:
         _check_positive("model.bn_group_size", model.bn_group_size)
     _check_positive("resolution", config.resolution)
+    if config.resolution < model.output_stride:
+        raise ConfigError(
+            f"resolution={config.resolution} is too small for model.output_stride={model.output_stride}: the feature "
+            f"map would reach 1x1 before the last stride-2 layers, which then stride over padding (Keras also "
+            f"requires >= 32 at output stride 32); use resolution >= {model.output_stride} or a smaller output stride"
+        )
     if "optimizer" in config:
         validate_training(config)
 

@@ -43,6 +43,7 @@ def test_torch_convention_preset():
         (["--config.model.num_classes=-3"], "model.num_classes must be an int >= 0"),
         (["--config.on_nonfinite=ignore"], "on_nonfinite must be one of ('stop', 'skip'), got 'ignore'"),
         (["--config.resolution=0"], "resolution must be a positive int, got 0"),
+        (["--config.resolution=16"], "resolution=16 is too small for model.output_stride=32"),
         (["--config.data.corrupt_images=keep"], "data.corrupt_images must be one of ('fail', 'skip'), got 'keep'"),
     ],
 )

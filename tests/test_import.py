@@ -211,7 +211,7 @@ def test_imported_weights_fine_tune_with_init_from(mnv2, tmp_path):
     imported = tmp_path / "imported"
     status, _, err = mnv2(
         "import", "--from", "torch", str(tmp_path / "tv.pth"), "--workdir", str(imported),
-        "--config", "configs/imagenet.py:width=0.35,resolution=16,num_classes=3,convention=torch",
+        "--config", "configs/imagenet.py:width=0.35,resolution=32,num_classes=3,convention=torch",
     )  # fmt: skip
     assert status == 0, err
     folder = synthetic_imagefolder(tmp_path / "folder", {"train": 16, "test": 4})

@@ -54,10 +54,15 @@ def conv_padding(size: int, kernel: int, stride: int, dilation: int, mode: str) 
     raise ValueError(f"padding must be one of {PADDING_MODES}, got {mode!r}")
 
 
-def depthwise_grouped(
-    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, dilation: tuple[int, int]
+def convolution(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int] = (1, 1),
+    padding: Padding = ((0, 0), (0, 0)),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
 ) -> jax.Array:
-    """Depthwise convolution as XLA's grouped convolution (one group per channel)."""
+    """XLA's convolution of an NHWC input with an HWIO kernel (grouped when `groups` > 1)."""
     return lax.conv_general_dilated(
         x,
         kernel,
@@ -65,8 +70,15 @@ def depthwise_grouped(
         padding=padding,
         rhs_dilation=dilation,
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1],
+        feature_group_count=groups,
     )
+
+
+def depthwise_grouped(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, dilation: tuple[int, int]
+) -> jax.Array:
+    """Depthwise convolution as XLA's grouped convolution (one group per channel)."""
+    return convolution(x, kernel, strides, padding, dilation, groups=x.shape[-1])
 
 
 def _shifted_taps(x: jax.Array, kernel_hw: tuple[int, int], strides, padding: Padding, dilation) -> list[jax.Array]:
@@ -196,7 +208,7 @@ def resolve_depthwise(name: str, backend: str | None = None) -> DepthwiseFn:
 
 def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """1x1 stride-1 convolution as XLA's convolution (native Conv ops in exported graphs)."""
-    return lax.conv_general_dilated(x, kernel, (1, 1), ((0, 0), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return convolution(x, kernel)
 
 
 def pointwise_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -379,13 +391,6 @@ class ConvBN(nn.Module):
         elif k == 1 and self.stride == 1:
             y = resolve_pointwise(conv.pointwise)(x, kernel)
         else:
-            y = lax.conv_general_dilated(
-                x,
-                kernel,
-                window_strides=strides,
-                padding=padding,
-                rhs_dilation=dilation,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            )
+            y = convolution(x, kernel, strides, padding, dilation)
         y = BatchNorm(conv.bn_momentum, conv.bn_epsilon, conv.bn_group_size, conv.dtype, name="BatchNorm")(y, train)
         return self.activation(y) if self.activation is not None else y

@@ -156,6 +156,41 @@ class InvertedResidual(nn.Module):
         return x, endpoints
 
 
+def _after(x: jax.Array, cotangent: jax.Array) -> jax.Array:
+    """`x` plus a zero computed from `cotangent`: XLA cannot prove it zero (NaN * 0 is NaN), so whatever uses
+    the result waits for the cotangent. JAX's own remat orders the recomputation with an optimization barrier,
+    which XLA:CPU removes before scheduling; the recomputation was then hoisted next to the forward pass.
+    """
+    zero = cotangent.reshape(-1)[0].astype(x.dtype) * 0
+    return x + zero
+
+
+def rematerialized(block: nn.Module, x: jax.Array, train: bool, shortcut: jax.Array | None):
+    """Calls `block(x, train, shortcut)` keeping only its inputs; the backward pass recomputes the rest."""
+    definition = block.clone(parent=None, name=None)
+
+    def call(module, x, shortcut):
+        return module(x, train, shortcut)
+
+    def forward(module, x, shortcut):
+        outputs = module(x, train, shortcut)
+        return outputs, (module.variables, x, shortcut)
+
+    def backward(residuals, cotangents):
+        variables, x, shortcut = residuals
+        x = _after(x, cotangents[0])
+
+        def pure(params, x, shortcut):
+            outputs, _ = definition.apply({**variables, "params": params}, x, train, shortcut, mutable=["batch_stats"])
+            return outputs
+
+        _, vjp = jax.vjp(pure, variables["params"], x, shortcut)
+        params_t, x_t, shortcut_t = vjp(cotangents)
+        return {"params": params_t}, x_t, shortcut_t
+
+    return nn.custom_vjp(call, forward, backward)(block, x, shortcut)
+
+
 class MobileNetV2(nn.Module):
     """MobileNetV2 classifier or backbone (`num_classes=0`).
 
@@ -191,18 +226,20 @@ class MobileNetV2(nn.Module):
         x = images
         pending_shortcut = None  # expanded tensor carried to the next block ("expansion" residuals)
         # Only the block inputs are kept for the backward pass; `train` (argument 2 counting self) is static.
-        block_type = nn.remat(InvertedResidual, static_argnums=(2,)) if self.remat else InvertedResidual
         for spec in self.specs(images.shape[-1]):
             if spec.expanded_features is None:
                 kernel = 3 if spec.endpoint == "layer_1" else 1
                 x = ConvBN(spec.out_features, conv, kernel, spec.stride, spec.dilation, name=spec.scope)(x, train)
                 pending_shortcut = None
             else:
-                block = block_type(spec, conv, self.residual, self.nonlinear_bottleneck, name=spec.scope)
+                block = InvertedResidual(spec, conv, self.residual, self.nonlinear_bottleneck, name=spec.scope)
                 shortcut = pending_shortcut if spec.has_expansion else None
                 if shortcut is not None and shortcut.shape[-1] != spec.expanded_features:
                     shortcut = None
-                x, block_endpoints = block(x, train, shortcut)
+                if self.remat:
+                    x, block_endpoints = rematerialized(block, x, train, shortcut)
+                else:
+                    x, block_endpoints = block(x, train, shortcut)
                 endpoints.update({f"{spec.endpoint}/{k}": v for k, v in block_endpoints.items()})
                 has_shortcut = self.residual == "expansion" and spec.residual and spec.has_expansion
                 pending_shortcut = block_endpoints["expansion_output"] if has_shortcut else None

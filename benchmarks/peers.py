@@ -1,12 +1,16 @@
 """Our MobileNetV2 against its PyTorch peers (and our exports' runtimes), side by side on this machine.
 
     python benchmarks/peers.py [--width 1.0] [--batch 32] [--train_resolution 128] [--infer_resolution 224]
-                               [--rounds 3] [--seconds 10] [--json OUT]
+                               [--rounds 3] [--seconds 10] [--host_huge_pages on|off] [--json OUT]
 
-Each system is prepared (built, compiled, warmed up) first; then the timed rounds alternate between the systems,
-so that slow drifts of the machine hit every system alike. A round runs one system for about `--seconds`.
-Reported: median images/s over the rounds and our/peer ratios. Peers: torchvision `mobilenet_v2` eager (and
-`torch.compile` where it works); for inference also our TFLite (XNNPACK) and ONNX (onnxruntime) exports.
+Each system runs in its own worker process (so that one system's threads and memory state do not slow
+another: in one shared process our step lost 30% after torch had run), prepared first (built, compiled,
+warmed up); then the timed rounds alternate between the workers, so that slow drifts of the machine hit every
+system alike. A round runs one system for about `--seconds`. Every worker gets the same environment; with
+`--host_huge_pages on` (the default, as the `mnv2` command runs) that includes glibc's huge-page tunable
+(`mnv2_jax/host_memory.py`), which speeds up every system here. Reported: median images/s over the rounds,
+minor page faults per step, and our/peer ratios. Peers: torchvision `mobilenet_v2` eager (and `torch.compile`
+where it works); for inference also our TFLite (XNNPACK) and ONNX (onnxruntime) exports.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -147,6 +154,64 @@ def measure(systems: dict, batch: int, rounds: int, seconds: float) -> dict[str,
     }
 
 
+SYSTEMS = {
+    "mnv2_jax": lambda a, directory: ours(a.mode, a.width, a.resolution, a.batch),
+    "torchvision eager": lambda a, directory: torchvision_peer(a.mode, a.width, a.resolution, a.batch, False),
+    "torchvision compile": lambda a, directory: torchvision_peer(a.mode, a.width, a.resolution, a.batch, True),
+    "our TFLite export": lambda a, directory: tflite_peer(a.width, a.resolution, a.batch, directory),
+    "our ONNX export (onnxruntime)": lambda a, directory: onnx_peer(a.width, a.resolution, a.batch, directory),
+}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Prepares one system, then answers each line `N` on stdin with the seconds and page faults of N steps."""
+    with tempfile.TemporaryDirectory() as directory:
+        timed, info = SYSTEMS[args.worker](args, directory)
+        print("ready " + json.dumps(info), flush=True)
+        for line in sys.stdin:
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            seconds = timed(int(line))
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            answer = {"seconds": seconds, "faults": after.ru_minflt - before.ru_minflt}
+            answer.update(user_s=after.ru_utime - before.ru_utime, system_s=after.ru_stime - before.ru_stime)
+            print(json.dumps(answer), flush=True)
+
+
+class Worker:
+    """One system in its own process: `timed(n)` runs n steps there and returns the seconds they took."""
+
+    def __init__(self, name: str, args: argparse.Namespace, mode: str, resolution: int, environ: dict):
+        command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--mode", mode]
+        command += ["--width", str(args.width), "--batch", str(args.batch), "--resolution", str(resolution)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environ)
+        ready = self._line("ready ")
+        if ready is None:
+            self.process.kill()
+            raise RuntimeError(f"{name} could not be prepared (its error is printed above)")
+        self.info = json.loads(ready[len("ready ") :])
+        self.faults: list[float] = []  # minor page faults per step, per round
+        self.system_s: list[float] = []  # kernel CPU seconds per step, per round
+
+    def _line(self, prefix: str) -> str | None:
+        """The worker's next line starting with `prefix` (libraries may print other lines); None at its end."""
+        for line in self.process.stdout:
+            if line.startswith(prefix):
+                return line
+        return None
+
+    def timed(self, steps: int) -> float:
+        self.process.stdin.write(f"{steps}\n")
+        self.process.stdin.flush()
+        answer = json.loads(self._line("{") or "null")
+        self.faults.append(answer["faults"] / steps)
+        self.system_s.append(answer["system_s"] / steps)
+        return answer["seconds"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=float, default=1.0)
@@ -157,12 +222,23 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--modes", default="train,infer")
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile peer")
+    parser.add_argument("--host_huge_pages", default="on", choices=["on", "off"], help="for every system alike")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--worker", choices=list(SYSTEMS), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=bench.MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--resolution", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args)
 
     import jax
     import torch
 
+    from mnv2_jax import host_memory
+
+    environ = dict(os.environ, MNV2_HUGE_PAGES="1" if args.host_huge_pages == "on" else "0")
+    environ.pop("GLIBC_TUNABLES", None)
+    environ = host_memory.environment_with_huge_pages(environ)
     results = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -170,30 +246,39 @@ def main() -> None:
             "jax": jax.__version__,
             "backend": jax.default_backend(),
             "torch": torch.__version__,
+            "host_huge_pages": host_memory.huge_pages_in_effect(environ),
         },
         "settings": vars(args),
     }
     for mode in args.modes.split(","):
         resolution = args.train_resolution if mode == "train" else args.infer_resolution
         print(f"{mode} at {resolution}x{resolution}, batch {args.batch}, width {args.width}: preparing", flush=True)
-        with tempfile.TemporaryDirectory() as directory:
-            systems = {"mnv2_jax": ours(mode, args.width, resolution, args.batch)}
-            systems["torchvision eager"] = torchvision_peer(mode, args.width, resolution, args.batch, False)
-            if not args.no_compile:
-                try:
-                    systems["torchvision compile"] = torchvision_peer(mode, args.width, resolution, args.batch, True)
-                except Exception as e:  # torch.compile needs a C++ toolchain and may fail on a machine
-                    print(f"  torch.compile unavailable: {type(e).__name__}: {str(e)[:200]}", flush=True)
-            if mode == "infer":
-                systems["our TFLite export"] = tflite_peer(args.width, resolution, args.batch, directory)
-                systems["our ONNX export (onnxruntime)"] = onnx_peer(args.width, resolution, args.batch, directory)
-            table = measure(systems, args.batch, args.rounds, args.seconds)
+        names = ["mnv2_jax", "torchvision eager"] + ([] if args.no_compile else ["torchvision compile"])
+        names += ["our TFLite export", "our ONNX export (onnxruntime)"] if mode == "infer" else []
+        workers = {}
+        for name in names:
+            try:
+                workers[name] = Worker(name, args, mode, resolution, environ)
+            except RuntimeError as e:  # torch.compile needs a C++ toolchain and may fail on a machine
+                if name == "mnv2_jax" or name == "torchvision eager":
+                    raise
+                print(f"  {name} unavailable: {e}", flush=True)
+        table = measure({name: (w.timed, w.info) for name, w in workers.items()}, args.batch, args.rounds, args.seconds)
+        for name, w in workers.items():
+            table[name]["page_faults_per_step"] = round(statistics.median(w.faults))
+            table[name]["kernel_ms_per_step"] = round(1000 * statistics.median(w.system_s), 1)
+            w.close()
         ours_rate = table["mnv2_jax"]["images_per_s"]
-        print(f"\n{mode}: images/s (median of {args.rounds} alternating rounds)")
-        print(f"  {'system':<32} {'images/s':>9} {'mnv2_jax / system':>18}")
+        rounds, huge_pages = args.rounds, args.host_huge_pages
+        print(f"\n{mode}: images/s (median of {rounds} alternating rounds), host huge pages {huge_pages}")
+        columns = f"{'images/s':>9} {'mnv2_jax / system':>18} {'page faults/step':>17} {'kernel ms/step':>15}"
+        print(f"  {'system':<32} {columns}")
         for name, row in table.items():
             row["ours_over_this"] = ours_rate / row["images_per_s"]
-            print(f"  {name:<32} {row['images_per_s']:>9.1f} {row['ours_over_this']:>17.2f}x")
+            print(
+                f"  {name:<32} {row['images_per_s']:>9.1f} {row['ours_over_this']:>17.2f}x"
+                f" {row['page_faults_per_step']:>17,} {row['kernel_ms_per_step']:>15.1f}"
+            )
         print()
         results[mode] = table
     if args.json:

@@ -8,6 +8,7 @@ compilation and warm-up steps.
 from __future__ import annotations
 
 import dataclasses
+import resource
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mnv2_jax import host_memory
 from mnv2_jax.data import preprocessing
 from mnv2_jax.training import distributed, train
 from mnv2_jax.training import plan as plan_lib
@@ -42,6 +44,8 @@ class BenchResult:
     mfu: float | None  # achieved / peak, when a peak is given
     pipeline_images_per_s: float | None = None  # the training input pipeline alone, on this host
     input_bound: bool | None = None  # the pipeline delivers fewer images/s than this host's share of the step takes
+    page_faults_per_step: float | None = None  # minor page faults of this process per timed step
+    huge_pages: bool | None = None  # whether large host allocations get transparent huge pages (`host_memory`)
 
 
 def _cost_flops(compiled) -> float | None:
@@ -161,9 +165,12 @@ def run(
     """
     step = compile_step(config, mode, batch)
     flops = step.flops
-    step_ms = images_per_s = achieved = None
+    step_ms = images_per_s = achieved = faults = None
     if steps > 0:
-        elapsed = step.time_steps(steps, warmup)
+        step.time_steps(0, warmup)
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        elapsed = step.time_steps(steps, 0)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps
         step_ms = 1000 * elapsed / steps
         images_per_s = step.batch * steps / elapsed
         if flops is not None:
@@ -191,6 +198,8 @@ def run(
         **_memory(step.compiled),
         pipeline_images_per_s=pipeline_rate,
         input_bound=input_bound,
+        page_faults_per_step=faults,
+        huge_pages=host_memory.huge_pages_in_effect(),
     )
 
 
@@ -210,6 +219,8 @@ def format_result(result: BenchResult) -> str:
             + (f", MFU {result.mfu:.1%}" if result.mfu is not None else ""),
             f"  temporary memory   {fmt(result.temp_bytes, ' MiB', 2**20)} (XLA memory analysis)",
             f"  arguments          {fmt(result.argument_bytes, ' MiB', 2**20)}",
+            f"  page faults        {fmt(result.page_faults_per_step, ' per step', digits=0)}, host huge pages: "
+            + ("yes" if result.huge_pages else "no (see mnv2_jax/host_memory.py)"),
         ]
         + (
             [

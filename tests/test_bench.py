@@ -1,11 +1,15 @@
 """`mnv2 bench`: XLA's FLOP count against the authors' multiply-adds, and the harness's own figures."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from configs_loader import load
+from conftest import REPO
 
-from mnv2_jax import bench
+from mnv2_jax import bench, host_memory
 
 
 def test_forward_flops_match_published_macs():
@@ -60,3 +64,34 @@ def test_remat_lowers_the_train_steps_temporary_memory():
         return bench.run(config, batch=32, steps=0).temp_bytes
 
     assert temp_bytes(True) < 0.7 * temp_bytes(False)
+
+
+@pytest.mark.skipif(
+    host_memory.transparent_huge_pages_mode() != "madvise",
+    reason="the kernel's transparent huge pages are not in `madvise` mode, so the tunable changes nothing here",
+)
+def test_the_command_gives_xla_huge_pages_and_steps_stop_faulting_in_their_buffers():
+    """`mnv2` restarts itself with glibc's huge-page tunable: the step's fresh temp buffer faults 2 MiB at a time."""
+
+    def bench_in_a_new_process(**env: str) -> dict:
+        env = {**os.environ, "XLA_FLAGS": "", **env}  # one device: a step buffer well above malloc's mmap size
+        env.pop("GLIBC_TUNABLES", None)
+        args = ["--config", "configs/imagenet.py:num_classes=10", "--config.resolution=96", "--config.model.width=0.5"]
+        command = [sys.executable, "-m", "mnv2_jax.cli.main", "bench", *args, "--batch=16", "--steps=3", "--json"]
+        finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert finished.returncode == 0, finished.stderr[-2000:]
+        return json.loads(finished.stdout)
+
+    default, opted_out = bench_in_a_new_process(), bench_in_a_new_process(MNV2_HUGE_PAGES="0")
+    assert default["huge_pages"] and not opted_out["huge_pages"]
+    assert default["page_faults_per_step"] * 10 < opted_out["page_faults_per_step"]
+
+
+def test_the_huge_page_tunable_joins_the_users_tunables_and_can_be_turned_off():
+    add = host_memory.environment_with_huge_pages
+    assert add({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert add({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    )
+    assert add({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    assert "GLIBC_TUNABLES" not in add({"MNV2_HUGE_PAGES": "0"})

@@ -6,6 +6,8 @@ import importlib
 import os
 import sys
 
+from mnv2_jax import host_memory
+
 COMMANDS = {
     "summary": ("mnv2_jax.cli.summary", "parameter and multiply-add counts of a config's model"),
     "import": ("mnv2_jax.cli.import_weights", "import weights from another framework into a workdir checkpoint"),
@@ -24,6 +26,8 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a real command line (not a call from Python): give XLA's host buffers huge pages
+        host_memory.restart_with_huge_pages()
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())

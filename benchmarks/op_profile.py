@@ -1,6 +1,6 @@
 """Where the compiled step spends its time: per-op durations from a JAX profiler trace, grouped by layer role.
 
-    python benchmarks/profile.py [SPEC] [--mode train|infer] [--batch 32] [--steps 3] [--top 25] [--hlo OUT]
+    python benchmarks/op_profile.py [SPEC] [--mode train|infer] [--batch 32] [--steps 3] [--top 25] [--hlo OUT]
 
 SPEC defaults to `configs/imagenet.py:resolution=128,convention=torch` (the peers benchmark's training setting).
 Each XLA op (a fusion, a YNNPACK call, a loop) of the compiled step is attributed to the layer role it comes

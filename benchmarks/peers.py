@@ -1,14 +1,15 @@
 """Our MobileNetV2 against its PyTorch peers (and our exports' runtimes), side by side on this machine.
 
     python benchmarks/peers.py [--width 1.0] [--batch 32] [--train_resolution 128] [--infer_resolution 224]
-                               [--rounds 3] [--seconds 10] [--host_huge_pages on|off] [--json OUT]
+                               [--rounds 3] [--seconds 10] [--host_allocator auto|tcmalloc|huge_pages|system]
+                               [--json OUT]
 
 Each system runs in its own worker process (so that one system's threads and memory state do not slow
 another: in one shared process our step lost 30% after torch had run), prepared first (built, compiled,
 warmed up); then the timed rounds alternate between the workers, so that slow drifts of the machine hit every
-system alike. A round runs one system for about `--seconds`. Every worker gets the same environment; with
-`--host_huge_pages on` (the default, as the `mnv2` command runs) that includes glibc's huge-page tunable
-(`mnv2_jax/host_memory.py`), which speeds up every system here. Reported: median images/s over the rounds,
+system alike. A round runs one system for about `--seconds`. Every worker gets the same environment, including
+the host allocator (`--host_allocator`, default `auto` as the `mnv2` command runs: TCMalloc where installed, see
+`mnv2_jax/host_memory.py`), which changes every system's speed here. Reported: median images/s over the rounds,
 minor page faults per step, and our/peer ratios. Peers: torchvision `mobilenet_v2` eager (and `torch.compile`
 where it works); for inference also our TFLite (XNNPACK) and ONNX (onnxruntime) exports.
 """
@@ -29,7 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mnv2_jax import bench
+from mnv2_jax import bench, host_memory
 from mnv2_jax.cli.common import config_from_spec
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "imagenet.py")
@@ -222,7 +223,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--modes", default="train,infer")
     parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile peer")
-    parser.add_argument("--host_huge_pages", default="on", choices=["on", "off"], help="for every system alike")
+    parser.add_argument("--host_allocator", default="auto", choices=host_memory.ALLOCATORS, help="for every system")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--worker", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=bench.MODES, help=argparse.SUPPRESS)
@@ -234,11 +235,10 @@ def main() -> None:
     import jax
     import torch
 
-    from mnv2_jax import host_memory
-
-    environ = dict(os.environ, MNV2_HUGE_PAGES="1" if args.host_huge_pages == "on" else "0")
+    environ = dict(os.environ, **{host_memory.VARIABLE: args.host_allocator})
     environ.pop("GLIBC_TUNABLES", None)
-    environ = host_memory.environment_with_huge_pages(environ)
+    environ.pop("LD_PRELOAD", None)
+    environ = host_memory.environment_for(args.host_allocator, environ)
     results = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -246,7 +246,7 @@ def main() -> None:
             "jax": jax.__version__,
             "backend": jax.default_backend(),
             "torch": torch.__version__,
-            "host_huge_pages": host_memory.huge_pages_in_effect(environ),
+            "host_allocator": host_memory.allocator_in_effect(environ),
         },
         "settings": vars(args),
     }
@@ -269,8 +269,8 @@ def main() -> None:
             table[name]["kernel_ms_per_step"] = round(1000 * statistics.median(w.system_s), 1)
             w.close()
         ours_rate = table["mnv2_jax"]["images_per_s"]
-        rounds, huge_pages = args.rounds, args.host_huge_pages
-        print(f"\n{mode}: images/s (median of {rounds} alternating rounds), host huge pages {huge_pages}")
+        rounds, allocator = args.rounds, results["machine"]["host_allocator"]
+        print(f"\n{mode}: images/s (median of {rounds} alternating rounds), host allocator {allocator}")
         columns = f"{'images/s':>9} {'mnv2_jax / system':>18} {'page faults/step':>17} {'kernel ms/step':>15}"
         print(f"  {'system':<32} {columns}")
         for name, row in table.items():

@@ -45,7 +45,7 @@ class BenchResult:
     pipeline_images_per_s: float | None = None  # the training input pipeline alone, on this host
     input_bound: bool | None = None  # the pipeline delivers fewer images/s than this host's share of the step takes
     page_faults_per_step: float | None = None  # minor page faults of this process per timed step
-    huge_pages: bool | None = None  # whether large host allocations get transparent huge pages (`host_memory`)
+    host_allocator: str | None = None  # what serves XLA's host buffers: tcmalloc, huge_pages or system (`host_memory`)
 
 
 def _cost_flops(compiled) -> float | None:
@@ -199,7 +199,7 @@ def run(
         pipeline_images_per_s=pipeline_rate,
         input_bound=input_bound,
         page_faults_per_step=faults,
-        huge_pages=host_memory.huge_pages_in_effect(),
+        host_allocator=host_memory.allocator_in_effect(),
     )
 
 
@@ -219,8 +219,8 @@ def format_result(result: BenchResult) -> str:
             + (f", MFU {result.mfu:.1%}" if result.mfu is not None else ""),
             f"  temporary memory   {fmt(result.temp_bytes, ' MiB', 2**20)} (XLA memory analysis)",
             f"  arguments          {fmt(result.argument_bytes, ' MiB', 2**20)}",
-            f"  page faults        {fmt(result.page_faults_per_step, ' per step', digits=0)}, host huge pages: "
-            + ("yes" if result.huge_pages else "no (see mnv2_jax/host_memory.py)"),
+            f"  page faults        {fmt(result.page_faults_per_step, ' per step', digits=0)}, host allocator: "
+            + f"{result.host_allocator} (mnv2_jax/host_memory.py)",
         ]
         + (
             [

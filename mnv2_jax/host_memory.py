@@ -1,22 +1,38 @@
-"""Transparent huge pages for the host allocator, which XLA:CPU's step time depends on.
+"""The host allocator, which XLA:CPU's step time depends on as much as on the arithmetic.
 
 XLA:CPU allocates a compiled step's temporary buffer (about 1 GiB for a MobileNetV2 train step at 128 px, batch
-32) from malloc at every execution. glibc maps allocations that large with a fresh `mmap` and unmaps them on
-free, so the kernel faults in and zeroes every 4 KiB page of the buffer again at every step: ~275,000 faults
-per step there, 40% of the process's CPU time. glibc's `glibc.malloc.hugetlb=1` tunable makes malloc advise
-transparent huge pages for its mappings (2 MiB pages: 512x fewer faults and fewer TLB misses). Tunables are
-read when a process starts, so the `mnv2` command restarts itself once with the tunable set.
-`MNV2_HUGE_PAGES=0` turns this off.
+32) from malloc at every execution and frees it after. glibc serves allocations that large with a fresh `mmap`
+and unmaps them on free, so the kernel faults in and zeroes all of the buffer again at every step: ~275,000
+faults per step there, 40% of the process's CPU time. The remedies, chosen with `MNV2_HOST_ALLOCATOR`:
+
+- `jemalloc` (`LD_PRELOAD`, found through the dynamic linker's cache; Debian's `libjemalloc2`, installed by
+  `scripts/setup.sh`), told to keep freed memory (no decay) in transparent huge pages: the next step gets the
+  same pages back, no faults and fewer TLB misses.
+- `huge_pages`: glibc's `glibc.malloc.hugetlb=1` tunable makes malloc advise transparent huge pages for its
+  mappings: 2 MiB faults, 1/250 as many, but each still zeroes fresh memory (and slows down when the kernel is
+  short of free huge pages). Helps where THP is in `madvise` mode.
+- `system`: the process's allocator as started.
+
+`auto` (the default) takes the first of these that applies, and keeps an allocator already preloaded (Cloud
+TPU VMs preload TCMalloc). The preload and the tunable are read when a process
+starts, so the `mnv2` command re-executes itself once with them set; from Python, set them before starting the
+interpreter (`environment_for` gives the variables).
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import sys
 
-OPT_OUT = "MNV2_HUGE_PAGES"
+VARIABLE = "MNV2_HOST_ALLOCATOR"
+ALLOCATORS = ("auto", "jemalloc", "huge_pages", "system")
 TUNABLE = "glibc.malloc.hugetlb"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+_PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc")
+# Huge pages for all of jemalloc's memory; freed pages are never handed back to the kernel (with the default
+# decay the next step faults a released 1 GiB buffer in again).
+_JEMALLOC_CONF = "thp:always,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
 def transparent_huge_pages_mode() -> str | None:
@@ -37,32 +53,74 @@ def _glibc() -> bool:
         return False
 
 
-def huge_pages_in_effect(environ: dict[str, str] | None = None) -> bool:
-    """Whether large host allocations of a process with this environment get huge pages."""
+def find_jemalloc() -> str | None:
+    """jemalloc's shared library as the dynamic linker knows it (e.g. `libjemalloc.so.2`), or None."""
+    return ctypes.util.find_library("jemalloc")
+
+
+def allocator_in_effect(environ: dict[str, str] | None = None) -> str:
+    """The allocator a process started with `environ` (default: this one's) gets: jemalloc, tcmalloc (preloaded
+    by someone else), huge_pages or system."""
     environ = os.environ if environ is None else environ
+    preloads = environ.get("LD_PRELOAD", "")
+    for name in _PRELOADED_ALLOCATORS:
+        if name in preloads:
+            return name
     mode = transparent_huge_pages_mode()
-    return mode == "always" or (mode == "madvise" and _glibc() and f"{TUNABLE}=1" in environ.get("GLIBC_TUNABLES", ""))
+    tunable_set = f"{TUNABLE}=1" in environ.get("GLIBC_TUNABLES", "")
+    if mode == "always" or (mode == "madvise" and _glibc() and tunable_set):
+        return "huge_pages"
+    return "system"
 
 
-def environment_with_huge_pages(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """`environ` (default: this process's) with glibc's huge-page tunable added, unless it sets one already."""
+def requested_allocator(environ: dict[str, str] | None = None) -> str:
+    """`MNV2_HOST_ALLOCATOR` (default `auto`), checked against ALLOCATORS."""
+    environ = os.environ if environ is None else environ
+    name = environ.get(VARIABLE, "auto")
+    if name not in ALLOCATORS:
+        raise ValueError(f"{VARIABLE} must be one of {ALLOCATORS}, got {name!r}")
+    return name
+
+
+def environment_for(allocator: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """`environ` (default: this process's) with what a new process needs to run with `allocator`.
+
+    `auto` adds jemalloc where it is installed, else the huge-page tunable where it helps; a named allocator
+    that is not available here is an error. An environment already giving an allocator keeps it under `auto`.
+    """
     environ = dict(os.environ if environ is None else environ)
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if environ.get(OPT_OUT, "1") != "0" and TUNABLE not in tunables:
-        environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, f"{TUNABLE}=1"]))
+    if allocator not in ALLOCATORS:
+        raise ValueError(f"{VARIABLE} must be one of {ALLOCATORS}, got {allocator!r}")
+    if allocator == "auto":
+        if allocator_in_effect(environ) != "system":
+            return environ
+        allocator = "jemalloc" if find_jemalloc() else "huge_pages"
+        if allocator == "huge_pages" and (transparent_huge_pages_mode() != "madvise" or not _glibc()):
+            return environ  # `always` needs no advice; `never` (or no THP) cannot be helped
+    if allocator == "jemalloc":
+        library = find_jemalloc()
+        if library is None:
+            raise ValueError(f"{VARIABLE}=jemalloc, but jemalloc is not installed (Debian: libjemalloc2)")
+        preloads = environ.get("LD_PRELOAD", "").split()
+        if not any("jemalloc" in p for p in preloads):
+            environ["LD_PRELOAD"] = " ".join([library, *preloads])
+        environ.setdefault("MALLOC_CONF", _JEMALLOC_CONF)  # a user's own settings win
+        return environ
+    if allocator == "huge_pages":
+        tunables = environ.get("GLIBC_TUNABLES", "")
+        if TUNABLE not in tunables:
+            environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, f"{TUNABLE}=1"]))
     return environ
 
 
-def restart_with_huge_pages() -> None:
-    """Re-executes this command line with the tunable set, where that gives huge pages and is not set yet.
+def restart_with_allocator() -> None:
+    """Re-executes this command line with the requested allocator (`MNV2_HOST_ALLOCATOR`), unless it has it.
 
     Call it first thing in a command-line entry point: the process image is replaced (same PID, same arguments).
     """
-    if transparent_huge_pages_mode() != "madvise" or not _glibc():
-        return  # `always` needs no advice; `never` (or no THP) cannot be helped
-    environ = environment_with_huge_pages()
-    if environ.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):
-        return  # already set (by us or the user), or turned off with MNV2_HUGE_PAGES=0
+    environ = environment_for(requested_allocator())
+    if environ == dict(os.environ):
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, environ)

@@ -38,3 +38,6 @@ apt_install() {
   fi
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
+
+# jemalloc: the host allocator `mnv2` runs XLA:CPU with (mnv2_jax/host_memory.py); without it, glibc's huge pages.
+apt_install libjemalloc2 || echo "warning: libjemalloc2 not installed; mnv2 falls back to glibc's allocator" >&2

@@ -66,32 +66,62 @@ def test_remat_lowers_the_train_steps_temporary_memory():
     assert temp_bytes(True) < 0.7 * temp_bytes(False)
 
 
+def bench_in_a_new_process(**env: str) -> dict:
+    """`mnv2 bench --json` as a command line (which picks its host allocator first), with `env` added."""
+    env = {**os.environ, "XLA_FLAGS": "", **env}  # one device: a step buffer well above malloc's mmap size
+    for inherited in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF"):
+        env.pop(inherited, None)
+    args = ["--config", "configs/imagenet.py:num_classes=10", "--config.resolution=96", "--config.model.width=0.5"]
+    command = [sys.executable, "-m", "mnv2_jax.cli.main", "bench", *args, "--batch=16", "--steps=4", "--json"]
+    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    return json.loads(finished.stdout)
+
+
+@pytest.mark.skipif(host_memory.find_jemalloc() is None, reason="jemalloc is not installed (scripts/setup.sh does)")
+def test_the_command_runs_on_jemalloc_and_steps_stop_faulting_in_their_buffers():
+    """By default `mnv2` restarts itself on jemalloc, which hands each step the previous step's pages again."""
+    default, system = bench_in_a_new_process(), bench_in_a_new_process(MNV2_HOST_ALLOCATOR="system")
+    assert default["host_allocator"] == "jemalloc" and system["host_allocator"] == "system"
+    assert default["page_faults_per_step"] * 100 < system["page_faults_per_step"]
+
+
 @pytest.mark.skipif(
     host_memory.transparent_huge_pages_mode() != "madvise",
     reason="the kernel's transparent huge pages are not in `madvise` mode, so the tunable changes nothing here",
 )
-def test_the_command_gives_xla_huge_pages_and_steps_stop_faulting_in_their_buffers():
-    """`mnv2` restarts itself with glibc's huge-page tunable: the step's fresh temp buffer faults 2 MiB at a time."""
-
-    def bench_in_a_new_process(**env: str) -> dict:
-        env = {**os.environ, "XLA_FLAGS": "", **env}  # one device: a step buffer well above malloc's mmap size
-        env.pop("GLIBC_TUNABLES", None)
-        args = ["--config", "configs/imagenet.py:num_classes=10", "--config.resolution=96", "--config.model.width=0.5"]
-        command = [sys.executable, "-m", "mnv2_jax.cli.main", "bench", *args, "--batch=16", "--steps=3", "--json"]
-        finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert finished.returncode == 0, finished.stderr[-2000:]
-        return json.loads(finished.stdout)
-
-    default, opted_out = bench_in_a_new_process(), bench_in_a_new_process(MNV2_HUGE_PAGES="0")
-    assert default["huge_pages"] and not opted_out["huge_pages"]
-    assert default["page_faults_per_step"] * 10 < opted_out["page_faults_per_step"]
+def test_glibc_with_huge_pages_faults_its_buffers_in_2_mib_at_a_time():
+    huge_pages = bench_in_a_new_process(MNV2_HOST_ALLOCATOR="huge_pages")
+    system = bench_in_a_new_process(MNV2_HOST_ALLOCATOR="system")
+    assert huge_pages["host_allocator"] == "huge_pages"
+    assert huge_pages["page_faults_per_step"] * 10 < system["page_faults_per_step"]
 
 
-def test_the_huge_page_tunable_joins_the_users_tunables_and_can_be_turned_off():
-    add = host_memory.environment_with_huge_pages
-    assert add({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-    assert add({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == (
+def test_the_allocator_settings_join_the_users_own():
+    env = host_memory.environment_for
+    assert env("huge_pages", {})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert env("huge_pages", {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == (
         "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     )
-    assert add({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
-    assert "GLIBC_TUNABLES" not in add({"MNV2_HUGE_PAGES": "0"})
+    assert env("huge_pages", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    assert env("system", {"LD_PRELOAD": "libfoo.so"}) == {"LD_PRELOAD": "libfoo.so"}
+    tpu_vm = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"}
+    assert env("auto", tpu_vm) == tpu_vm and host_memory.allocator_in_effect(tpu_vm) == "tcmalloc"
+    if host_memory.find_jemalloc() is not None:
+        with_jemalloc = env("jemalloc", {"LD_PRELOAD": "libfoo.so", "MALLOC_CONF": "narenas:1"})
+        assert with_jemalloc["LD_PRELOAD"] == f"{host_memory.find_jemalloc()} libfoo.so"
+        assert with_jemalloc["MALLOC_CONF"] == "narenas:1"
+        assert env("auto", {})["MALLOC_CONF"].startswith("thp:always")
+        assert env("auto", with_jemalloc) == with_jemalloc  # already in effect: unchanged
+    with pytest.raises(ValueError, match=r"MNV2_HOST_ALLOCATOR must be one of \('auto', 'jemalloc'"):
+        env("tcmalloc", {})
+
+
+def test_the_command_rejects_an_unknown_allocator_before_doing_anything():
+    env = {**os.environ, "MNV2_HOST_ALLOCATOR": "mimalloc"}
+    command = [sys.executable, "-m", "mnv2_jax.cli.main", "bench", "--config", "configs/quickstart.py"]
+    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 2
+    assert "MNV2_HOST_ALLOCATOR must be one of ('auto', 'jemalloc', 'huge_pages', 'system'), got 'mimalloc'" in (
+        finished.stderr
+    )

@@ -26,8 +26,12 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # a real command line (not a call from Python): give XLA's host buffers huge pages
-        host_memory.restart_with_huge_pages()
+    if argv is None:  # a real command line (not a call from Python): an allocator that reuses XLA's step buffers
+        try:
+            host_memory.restart_with_allocator()
+        except ValueError as e:
+            print(f"mnv2: {e}", file=sys.stderr)
+            return 2
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(usage())

@@ -1,15 +1,16 @@
 """Our MobileNetV2 against its PyTorch peers (and our exports' runtimes), side by side on this machine.
 
     python benchmarks/peers.py [--width 1.0] [--batch 32] [--train_resolution 128] [--infer_resolution 224]
-                               [--rounds 3] [--seconds 10] [--host_allocator auto|tcmalloc|huge_pages|system]
+                               [--rounds 3] [--seconds 10] [--host_allocator auto|jemalloc|huge_pages|system]
                                [--json OUT]
 
 Each system runs in its own worker process (so that one system's threads and memory state do not slow
 another: in one shared process our step lost 30% after torch had run), prepared first (built, compiled,
 warmed up); then the timed rounds alternate between the workers, so that slow drifts of the machine hit every
 system alike. A round runs one system for about `--seconds`. Every worker gets the same environment, including
-the host allocator (`--host_allocator`, default `auto` as the `mnv2` command runs: TCMalloc where installed, see
-`mnv2_jax/host_memory.py`), which changes every system's speed here. Reported: median images/s over the rounds,
+the host allocator (`--host_allocator`, default `auto` as the `mnv2` command chooses it: jemalloc where installed,
+see `mnv2_jax/host_memory.py`; chosen afresh, without the allocator variables of the shell that runs this), which
+changes every system's speed here. Reported: median images/s over the rounds,
 minor page faults per step, and our/peer ratios. Peers: torchvision `mobilenet_v2` eager (and `torch.compile`
 where it works); for inference also our TFLite (XNNPACK) and ONNX (onnxruntime) exports.
 """
@@ -236,8 +237,8 @@ def main() -> None:
     import torch
 
     environ = dict(os.environ, **{host_memory.VARIABLE: args.host_allocator})
-    environ.pop("GLIBC_TUNABLES", None)
-    environ.pop("LD_PRELOAD", None)
+    for inherited in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF"):
+        environ.pop(inherited, None)
     environ = host_memory.environment_for(args.host_allocator, environ)
     results = {
         "machine": {

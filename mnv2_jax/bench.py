@@ -45,7 +45,7 @@ class BenchResult:
     pipeline_images_per_s: float | None = None  # the training input pipeline alone, on this host
     input_bound: bool | None = None  # the pipeline delivers fewer images/s than this host's share of the step takes
     page_faults_per_step: float | None = None  # minor page faults of this process per timed step
-    host_allocator: str | None = None  # what serves XLA's host buffers: tcmalloc, huge_pages or system (`host_memory`)
+    host_allocator: str | None = None  # serving XLA's host buffers: jemalloc, tcmalloc, huge_pages, system
 
 
 def _cost_flops(compiled) -> float | None:

@@ -54,18 +54,22 @@ def _glibc() -> bool:
 
 
 def find_jemalloc() -> str | None:
-    """jemalloc's shared library as the dynamic linker knows it (e.g. `libjemalloc.so.2`), or None."""
-    return ctypes.util.find_library("jemalloc")
+    """jemalloc's shared library as the dynamic linker knows it (e.g. `libjemalloc.so.2`); None off Linux."""
+    return ctypes.util.find_library("jemalloc") if sys.platform.startswith("linux") else None
+
+
+def _preloaded_allocator(environ: dict[str, str]) -> str | None:
+    preloads = environ.get("LD_PRELOAD", "")
+    return next((name for name in _PRELOADED_ALLOCATORS if name in preloads), None)
 
 
 def allocator_in_effect(environ: dict[str, str] | None = None) -> str:
     """The allocator a process started with `environ` (default: this one's) gets: jemalloc, tcmalloc (preloaded
-    by someone else), huge_pages or system."""
+    by someone else), huge_pages (glibc, with THP advised by the tunable or always on) or system."""
     environ = os.environ if environ is None else environ
-    preloads = environ.get("LD_PRELOAD", "")
-    for name in _PRELOADED_ALLOCATORS:
-        if name in preloads:
-            return name
+    preloaded = _preloaded_allocator(environ)
+    if preloaded is not None:
+        return preloaded
     mode = transparent_huge_pages_mode()
     tunable_set = f"{TUNABLE}=1" in environ.get("GLIBC_TUNABLES", "")
     if mode == "always" or (mode == "madvise" and _glibc() and tunable_set):
@@ -85,28 +89,37 @@ def requested_allocator(environ: dict[str, str] | None = None) -> str:
 def environment_for(allocator: str, environ: dict[str, str] | None = None) -> dict[str, str]:
     """`environ` (default: this process's) with what a new process needs to run with `allocator`.
 
-    `auto` adds jemalloc where it is installed, else the huge-page tunable where it helps; a named allocator
-    that is not available here is an error. An environment already giving an allocator keeps it under `auto`.
+    `auto` keeps an allocator the environment chooses itself (a preloaded one, or glibc's huge-page tunable),
+    else adds jemalloc where it is installed, else the huge-page tunable where THP is in `madvise` mode. A
+    named allocator that cannot work here is an error.
     """
     environ = dict(os.environ if environ is None else environ)
     if allocator not in ALLOCATORS:
         raise ValueError(f"{VARIABLE} must be one of {ALLOCATORS}, got {allocator!r}")
+    thp_mode = transparent_huge_pages_mode()
     if allocator == "auto":
-        if allocator_in_effect(environ) != "system":
+        if _preloaded_allocator(environ) is not None or TUNABLE in environ.get("GLIBC_TUNABLES", ""):
             return environ
-        allocator = "jemalloc" if find_jemalloc() else "huge_pages"
-        if allocator == "huge_pages" and (transparent_huge_pages_mode() != "madvise" or not _glibc()):
-            return environ  # `always` needs no advice; `never` (or no THP) cannot be helped
+        if find_jemalloc() is not None:
+            allocator = "jemalloc"
+        elif thp_mode == "madvise" and _glibc():
+            allocator = "huge_pages"
+        else:
+            return environ  # THP `always` needs no advice; `never` (or no THP) cannot be helped
     if allocator == "jemalloc":
-        library = find_jemalloc()
-        if library is None:
-            raise ValueError(f"{VARIABLE}=jemalloc, but jemalloc is not installed (Debian: libjemalloc2)")
         preloads = environ.get("LD_PRELOAD", "").split()
         if not any("jemalloc" in p for p in preloads):
+            library = find_jemalloc()
+            if library is None:
+                raise ValueError(f"{VARIABLE}=jemalloc, but jemalloc is not installed (Debian: libjemalloc2)")
             environ["LD_PRELOAD"] = " ".join([library, *preloads])
         environ.setdefault("MALLOC_CONF", _JEMALLOC_CONF)  # a user's own settings win
-        return environ
-    if allocator == "huge_pages":
+    elif allocator == "huge_pages":
+        if thp_mode not in ("madvise", "always") or not _glibc():
+            raise ValueError(
+                f"{VARIABLE}=huge_pages needs glibc and transparent huge pages in `madvise` or `always` mode "
+                f"(here: THP {thp_mode or 'unavailable'}, {'glibc' if _glibc() else 'not glibc'})"
+            )
         tunables = environ.get("GLIBC_TUNABLES", "")
         if TUNABLE not in tunables:
             environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, f"{TUNABLE}=1"]))

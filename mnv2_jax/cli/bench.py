@@ -1,4 +1,5 @@
-"""`mnv2 bench --config CONFIG [--mode train|infer] [--batch B] [--steps N] [--pipeline_steps N] [--json]`."""
+"""`mnv2 bench --config CONFIG [--mode train|infer] [--batch B] [--steps N] [--warmup N] [--pipeline_steps N]
+[--json]`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def main(argv: list[str]) -> None:
     flags.DEFINE_enum("mode", "train", ["train", "infer"], "the compiled step to time", flag_values=fv)
     flags.DEFINE_integer("batch", None, "global batch (default: the config's batch_size)", flag_values=fv)
     flags.DEFINE_integer("steps", 20, "timed steps after warm-up (0: compile and analyse only)", flag_values=fv)
+    flags.DEFINE_integer("warmup", 2, "untimed steps first", lower_bound=0, flag_values=fv)
     flags.DEFINE_float("peak_tflops", None, "the hardware's peak TFLOP/s, to report MFU against", flag_values=fv)
     flags.DEFINE_bool("json", False, "print JSON", flag_values=fv)
     flags.DEFINE_integer(
@@ -33,6 +35,6 @@ def main(argv: list[str]) -> None:
 
     distributed.maybe_initialize()
     result = bench.run(
-        config, fv.mode, fv.batch, fv.steps, peak_tflops=fv.peak_tflops, pipeline_steps=fv.pipeline_steps
+        config, fv.mode, fv.batch, fv.steps, fv.warmup, peak_tflops=fv.peak_tflops, pipeline_steps=fv.pipeline_steps
     )
     print(json.dumps(dataclasses.asdict(result), indent=2) if fv.json else bench.format_result(result))

@@ -236,10 +236,8 @@ def main() -> None:
     import jax
     import torch
 
-    environ = dict(os.environ, **{host_memory.VARIABLE: args.host_allocator})
-    for inherited in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF"):
-        environ.pop(inherited, None)
-    environ = host_memory.environment_for(args.host_allocator, environ)
+    inherited = {k: v for k, v in os.environ.items() if k not in host_memory.ALLOCATOR_VARIABLES}
+    environ = host_memory.environment_for(args.host_allocator, inherited)
     results = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),

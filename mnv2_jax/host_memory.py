@@ -14,14 +14,15 @@ faults per step there, 40% of the process's CPU time. The remedies, chosen with 
 - `system`: the process's allocator as started.
 
 `auto` (the default) takes the first of these that applies, and keeps an allocator already preloaded (Cloud
-TPU VMs preload TCMalloc). The preload and the tunable are read when a process
-starts, so the `mnv2` command re-executes itself once with them set; from Python, set them before starting the
-interpreter (`environment_for` gives the variables).
+TPU VMs preload TCMalloc). The preload and the tunable are read when a process starts, so the `mnv2` command
+re-executes itself once with them set; from Python, set them before starting the interpreter (`environment_for`
+gives the variables).
 """
 
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -30,6 +31,8 @@ ALLOCATORS = ("auto", "jemalloc", "huge_pages", "system")
 TUNABLE = "glibc.malloc.hugetlb"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 _PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc")
+# The environment variables through which a process gets its allocator (besides MNV2_HOST_ALLOCATOR).
+ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF")
 # Huge pages for all of jemalloc's memory; freed pages are never handed back to the kernel (with the default
 # decay the next step faults a released 1 GiB buffer in again).
 _JEMALLOC_CONF = "thp:always,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
@@ -53,6 +56,7 @@ def _glibc() -> bool:
         return False
 
 
+@functools.cache  # `ldconfig -p` runs once per process
 def find_jemalloc() -> str | None:
     """jemalloc's shared library as the dynamic linker knows it (e.g. `libjemalloc.so.2`); None off Linux."""
     return ctypes.util.find_library("jemalloc") if sys.platform.startswith("linux") else None
@@ -77,15 +81,6 @@ def allocator_in_effect(environ: dict[str, str] | None = None) -> str:
     return "system"
 
 
-def requested_allocator(environ: dict[str, str] | None = None) -> str:
-    """`MNV2_HOST_ALLOCATOR` (default `auto`), checked against ALLOCATORS."""
-    environ = os.environ if environ is None else environ
-    name = environ.get(VARIABLE, "auto")
-    if name not in ALLOCATORS:
-        raise ValueError(f"{VARIABLE} must be one of {ALLOCATORS}, got {name!r}")
-    return name
-
-
 def environment_for(allocator: str, environ: dict[str, str] | None = None) -> dict[str, str]:
     """`environ` (default: this process's) with what a new process needs to run with `allocator`.
 
@@ -107,12 +102,11 @@ def environment_for(allocator: str, environ: dict[str, str] | None = None) -> di
         else:
             return environ  # THP `always` needs no advice; `never` (or no THP) cannot be helped
     if allocator == "jemalloc":
-        preloads = environ.get("LD_PRELOAD", "").split()
-        if not any("jemalloc" in p for p in preloads):
+        if _preloaded_allocator(environ) != "jemalloc":
             library = find_jemalloc()
             if library is None:
                 raise ValueError(f"{VARIABLE}=jemalloc, but jemalloc is not installed (Debian: libjemalloc2)")
-            environ["LD_PRELOAD"] = " ".join([library, *preloads])
+            environ["LD_PRELOAD"] = " ".join([library, *environ.get("LD_PRELOAD", "").split()])
         environ.setdefault("MALLOC_CONF", _JEMALLOC_CONF)  # a user's own settings win
     elif allocator == "huge_pages":
         if thp_mode not in ("madvise", "always") or not _glibc():
@@ -131,7 +125,7 @@ def restart_with_allocator() -> None:
 
     Call it first thing in a command-line entry point: the process image is replaced (same PID, same arguments).
     """
-    environ = environment_for(requested_allocator())
+    environ = environment_for(os.environ.get(VARIABLE, "auto"))
     if environ == dict(os.environ):
         return
     sys.stdout.flush()

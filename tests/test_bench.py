@@ -68,7 +68,7 @@ def test_remat_lowers_the_train_steps_temporary_memory():
 
 def bench_in_a_new_process(**env: str) -> dict:
     """`mnv2 bench --json` as a command line (which picks its host allocator first), with `env` added."""
-    allocator_variables = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", host_memory.VARIABLE)
+    allocator_variables = (*host_memory.ALLOCATOR_VARIABLES, host_memory.VARIABLE)
     inherited = {name: value for name, value in os.environ.items() if name not in allocator_variables}
     env = {**inherited, "XLA_FLAGS": "", **env}  # one device: a step buffer well above malloc's mmap size
     args = ["--config", "configs/imagenet.py:num_classes=10", "--config.resolution=96", "--config.model.width=0.5"]

@@ -37,7 +37,7 @@ def attribute(op_name: str) -> tuple[str, str, str]:
     """(forward/backward, layer role, model operation) of one op's metadata name."""
     direction = "backward" if "transpose(" in op_name else "forward"
     path = re.sub(r"^jit\(\w+\)/", "", op_name)
-    path = re.sub(r"^(transpose\()?(jvp\()?MobileNetV2\)*/", "", path)
+    path = re.sub(r"^.*?MobileNetV2\)*/", "", path)  # also inside `predict`'s loop: while/body/closed_call/...
     parts = path.split("/")
     role = "other"
     if parts[0] == "Conv":

@@ -15,7 +15,12 @@ import ml_collections
 from ml_collections import config_dict
 
 from mnv2_jax.errors import UserError
-from mnv2_jax.models.layers import DEPTHWISE_IMPLEMENTATIONS, PADDING_MODES, POINTWISE_IMPLEMENTATIONS
+from mnv2_jax.models.layers import (
+    DEPTHWISE_IMPLEMENTATIONS,
+    PADDING_MODES,
+    POINTWISE_IMPLEMENTATIONS,
+    REGULAR_CONV_IMPLEMENTATIONS,
+)
 from mnv2_jax.models.mobilenet_v2 import BLOCK_STAGES, OUTPUT_STRIDES, RESIDUAL_MODES
 
 # Framework conventions: padding, BN decay/epsilon and input normalisation of each reference.
@@ -53,6 +58,10 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     model.min_depth = 8
     model.depthwise = "auto"  # CPU: shifted multiply-adds; elsewhere: XLA grouped convolution
     model.pointwise = "auto"  # 1x1 convs; CPU: matrix products; elsewhere: XLA convolution
+    model.regular_conv = "auto"  # the 3x3 stem; CPU: one matrix product over patches; elsewhere: XLA convolution
+    # Images per device run through the network together in inference (eval, predict, bench); 0: the whole
+    # batch; None: 1 on CPU (activations stay in cache, chunks run in parallel), the whole batch elsewhere.
+    model.inference_chunk = config_dict.placeholder(int)
     model.remat = False  # recompute each block's expanded tensors in the backward pass: less memory, more FLOPs
     model.bn_group_size = config_dict.placeholder(int)
     model.init_stddev = 0.09
@@ -178,6 +187,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice("model.padding", model.padding, PADDING_MODES)
     _check_choice("model.depthwise", model.depthwise, ("auto", *DEPTHWISE_IMPLEMENTATIONS))
     _check_choice("model.pointwise", model.pointwise, ("auto", *POINTWISE_IMPLEMENTATIONS))
+    _check_choice("model.regular_conv", model.regular_conv, ("auto", *REGULAR_CONV_IMPLEMENTATIONS))
+    if model.inference_chunk is not None and (not isinstance(model.inference_chunk, int) or model.inference_chunk < 0):
+        raise ConfigError(
+            f"model.inference_chunk must be an int >= 0 (0 = the whole batch) or None (auto), "
+            f"got {model.inference_chunk!r}"
+        )
     _check_choice("model.preprocessing", model.preprocessing, PREPROCESSING_MODES)
     _check_choice("model.dtype", model.dtype, DTYPES)
     _check_positive("model.divisible_by", model.divisible_by)

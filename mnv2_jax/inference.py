@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 
 from mnv2_jax.data import preprocessing
-from mnv2_jax.models import MobileNetV2, build_model
+from mnv2_jax.models import MobileNetV2, build_model, predict
 from mnv2_jax.training import checkpoint
 
 
@@ -38,7 +38,7 @@ def classify(model: MobileNetV2, variables: dict[str, Any], images: np.ndarray, 
 
     @jax.jit
     def forward(variables, images):
-        logits, _ = model.apply(variables, preprocessing.normalize(images, preprocessing_mode), train=False)
+        logits = predict(model, variables, preprocessing.normalize(images, preprocessing_mode))
         return jax.nn.softmax(logits)
 
     return np.asarray(forward(variables, jnp.asarray(images, jnp.float32)))

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from mnv2_jax.config import base_config
-from mnv2_jax.models import MobileNetV2, build_model, layer_specs
+from mnv2_jax.models import MobileNetV2, build_model, layer_specs, predict
+from mnv2_jax.models.mobilenet_v2 import resolve_inference_chunk
+from mnv2_jax.training import distributed
 
 # slim README (research/slim/nets/mobilenet/README.md): depth multiplier, resolution, MACs (millions, floored),
 # parameters (millions, two decimals), and the exact parameter counts listed in shared/reference/mobilenet_v2.md §6.
@@ -273,3 +275,44 @@ def test_remat_gives_identical_gradients_and_keeps_fewer_activations(residual, k
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert remat_saved < plain_saved * kept_at_most  # block inputs (and stem/head tensors), not expanded tensors
+
+
+@pytest.mark.parametrize(
+    "batch, chunk, shards",
+    [
+        (18, 2, 1),  # 9 chunks: loop iterations of 4 unrolled chunks, then the remainder
+        (7, 2, 1),  # 7 images do not split in 2s: chunks of 1
+        (48, 2, 8),  # batch split over 8 devices, 2 images of each device's share per chunk
+    ],
+)
+def test_predict_in_chunks_equals_the_whole_batch(batch, chunk, shards):
+    model = MobileNetV2(**TINY, inference_chunk=chunk)
+    variables = tiny_variables(model)
+    # Stored statistics away from (0, 1), so that inference batch norm does real work.
+    stats = jax.tree.map(lambda v: v + jax.random.uniform(jax.random.key(v.size), v.shape), variables["batch_stats"])
+    variables = {**variables, "batch_stats": stats}
+    images = jax.random.normal(jax.random.key(4), (batch, 32, 32, 3))
+    expected, _ = apply(model, variables, images)
+
+    mesh = distributed.make_mesh(jax.devices()[:shards])
+    chunked = jax.jit(
+        lambda v, x: predict(model, v, x, batch_shards=shards),
+        in_shardings=(distributed.replicated(mesh), distributed.batch_sharded(mesh)),
+    )
+    images = jax.device_put(images, distributed.batch_sharded(mesh))
+    hlo = chunked.lower(variables, images).compile().as_text()
+    for collective in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
+        assert collective not in hlo  # every device keeps its own images
+    np.testing.assert_allclose(chunked(variables, images), expected, rtol=1e-5, atol=1e-5)
+    scans = [
+        e for e in jax.make_jaxpr(chunked)(variables, images).eqns[0].params["jaxpr"].eqns if e.primitive.name == "scan"
+    ]
+    assert len(scans) == 1 and scans[0].params["length"] == batch // shards // (chunk if batch % chunk == 0 else 1)
+    whole = jax.make_jaxpr(lambda v, x: predict(model.clone(inference_chunk=0), v, x))(variables, images)
+    assert not [e for e in whole.eqns if e.primitive.name == "scan"]
+
+
+def test_inference_chunk_auto_is_one_image_on_cpu_and_the_whole_batch_elsewhere():
+    assert resolve_inference_chunk(None, "cpu") == 1
+    assert resolve_inference_chunk(None, "gpu") == resolve_inference_chunk(None, "tpu") == 0
+    assert resolve_inference_chunk(5, "gpu") == 5

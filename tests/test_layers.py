@@ -17,9 +17,12 @@ from mnv2_jax.models.layers import (
     make_divisible,
     pointwise_conv,
     pointwise_dot,
+    regular_conv,
+    regular_conv_patches,
     relu6,
     resolve_depthwise,
     resolve_pointwise,
+    resolve_regular_conv,
 )
 
 
@@ -126,6 +129,37 @@ def test_pointwise_dot_equals_convolution_with_gradients():
     assert resolve_pointwise("auto", "tpu") is pointwise_conv
     with pytest.raises(ValueError, match=r"model\.pointwise must be one of \('auto', 'conv', 'dot'\)"):
         resolve_pointwise("winograd")
+
+
+@pytest.mark.parametrize(
+    "size, kernel_size, stride, dilation, mode",
+    [
+        (9, 3, 2, 1, "same"),  # the stem: odd input, TF's padding
+        (8, 3, 2, 1, "same"),  # even input: (0, 1) padding
+        (8, 3, 2, 1, "symmetric"),
+        (7, 3, 1, 2, "same"),
+        (6, 5, 1, 1, "symmetric"),
+        (7, 1, 2, 1, "same"),
+    ],
+)
+def test_regular_conv_patches_equals_convolution_with_gradients(size, kernel_size, stride, dilation, mode):
+    x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 3))
+    kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 3, 5))
+    padding = tuple(conv_padding(s, kernel_size, stride, dilation, mode) for s in x.shape[1:3])
+    args = ((stride, stride), padding, (dilation, dilation))
+
+    def value_and_grads(fn):
+        loss = lambda x, k: jnp.sum(jnp.sin(fn(x, k, *args)))
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, kernel)
+
+    assert regular_conv_patches(x, kernel, *args).shape == regular_conv(x, kernel, *args).shape
+    expected, actual = value_and_grads(regular_conv), value_and_grads(regular_conv_patches)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+    assert resolve_regular_conv("auto", "cpu") is regular_conv_patches
+    assert resolve_regular_conv("auto", "gpu") is regular_conv
+    with pytest.raises(ValueError, match=r"model\.regular_conv must be one of \('auto', 'conv', 'patches'\)"):
+        resolve_regular_conv("fft")
 
 
 def test_relu6_value_and_gradient_match_tensorflow_and_torch():

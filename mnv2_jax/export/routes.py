@@ -42,7 +42,7 @@ def metadata_path(out: str) -> str:
 
 def export_model(config: ml_collections.ConfigDict) -> MobileNetV2:
     """The inference model for exports: native convolution ops (grouped depthwise, 1x1 conv), float32."""
-    return build_model(config.model, depthwise="grouped", pointwise="conv", dtype="float32")
+    return build_model(config.model, depthwise="grouped", pointwise="conv", regular_conv="conv", dtype="float32")
 
 
 def as_float32(variables: Any) -> dict[str, Any]:

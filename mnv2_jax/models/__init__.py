@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from mnv2_jax.models.layers import Conventions, make_divisible
-from mnv2_jax.models.mobilenet_v2 import LayerSpec, MobileNetV2, layer_specs
+from mnv2_jax.models.mobilenet_v2 import LayerSpec, MobileNetV2, layer_specs, predict
 
-__all__ = ["Conventions", "LayerSpec", "MobileNetV2", "build_model", "layer_specs", "make_divisible"]
+__all__ = ["Conventions", "LayerSpec", "MobileNetV2", "build_model", "layer_specs", "make_divisible", "predict"]
 
 
 def build_model(model_config: ml_collections.ConfigDict, **overrides) -> MobileNetV2:
@@ -23,6 +23,7 @@ def build_model(model_config: ml_collections.ConfigDict, **overrides) -> MobileN
         bn_group_size=cfg.bn_group_size,
         depthwise=cfg.depthwise,
         pointwise=cfg.pointwise,
+        regular_conv=cfg.regular_conv,
         init_stddev=cfg.init_stddev,
         dtype=jnp.dtype(cfg.dtype),
     )
@@ -36,6 +37,7 @@ def build_model(model_config: ml_collections.ConfigDict, **overrides) -> MobileN
         residual=cfg.residual,
         nonlinear_bottleneck=cfg.nonlinear_bottleneck,
         remat=cfg.remat,
+        inference_chunk=cfg.inference_chunk,
         divisible_by=cfg.divisible_by,
         min_depth=cfg.min_depth,
         conventions=conventions,

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
-DepthwiseFn = Callable[[jax.Array, jax.Array, tuple[int, int], Padding, tuple[int, int]], jax.Array]
+# (x, kernel, strides, padding, dilation) -> y: the depthwise and the k x k convolution implementations
+ConvFn = Callable[[jax.Array, jax.Array, tuple[int, int], Padding, tuple[int, int]], jax.Array]
 
 PADDING_MODES = ("same", "symmetric")
 
@@ -185,7 +186,7 @@ def _depthwise_shifted_bwd(strides, padding, dilation, residuals, grad_out):
 depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 
 
-DEPTHWISE_IMPLEMENTATIONS: dict[str, DepthwiseFn] = {
+DEPTHWISE_IMPLEMENTATIONS: dict[str, ConvFn] = {
     "grouped": depthwise_grouped,
     "shifted": depthwise_shifted,
 }
@@ -201,7 +202,7 @@ def _resolve(field: str, name: str, implementations: dict, fastest: dict[str, st
         raise ValueError(f"{field} must be one of {('auto', *implementations)}, got {name!r}") from None
 
 
-def resolve_depthwise(name: str, backend: str | None = None) -> DepthwiseFn:
+def resolve_depthwise(name: str, backend: str | None = None) -> ConvFn:
     """Returns the depthwise implementation; `auto` picks the fastest measured one per backend."""
     return _resolve("model.depthwise", name, DEPTHWISE_IMPLEMENTATIONS, {"cpu": "shifted"}, backend)
 
@@ -232,9 +233,41 @@ def resolve_pointwise(name: str, backend: str | None = None) -> Callable[[jax.Ar
     return _resolve("model.pointwise", name, POINTWISE_IMPLEMENTATIONS, {"cpu": "dot"}, backend)
 
 
+def regular_conv(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, dilation: tuple[int, int]
+) -> jax.Array:
+    """A k x k convolution (not depthwise) as XLA's convolution."""
+    return convolution(x, kernel, strides, padding, dilation)
+
+
+def regular_conv_patches(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, dilation: tuple[int, int]
+) -> jax.Array:
+    """A k x k convolution as one matrix product over the input's patches (im2col).
+
+    The same operation as `regular_conv`. The stem has 3 input channels, where
+    XLA:CPU's convolution reaches a fraction of its matrix-product speed; the
+    patches are the depthwise path's shifted views, side by side.
+    """
+    kh, kw, in_features, out_features = kernel.shape
+    patches = jnp.concatenate(_shifted_taps(x, (kh, kw), strides, padding, dilation), axis=-1)
+    return pointwise_dot(patches, kernel.reshape(1, 1, kh * kw * in_features, out_features))
+
+
+REGULAR_CONV_IMPLEMENTATIONS: dict[str, ConvFn] = {
+    "conv": regular_conv,
+    "patches": regular_conv_patches,
+}
+
+
+def resolve_regular_conv(name: str, backend: str | None = None) -> ConvFn:
+    """Returns the k x k (stem) convolution implementation; `auto` picks the fastest measured one per backend."""
+    return _resolve("model.regular_conv", name, REGULAR_CONV_IMPLEMENTATIONS, {"cpu": "patches"}, backend)
+
+
 @dataclasses.dataclass(frozen=True)
 class Conventions:
-    """Framework conventions that change numerics: padding, BN constants, depthwise kernel, dtype."""
+    """Framework conventions that change numerics (padding, BN constants, dtype), and how convolutions run."""
 
     padding: str = "same"
     bn_momentum: float = 0.997
@@ -242,6 +275,7 @@ class Conventions:
     bn_group_size: int | None = None
     depthwise: str = "auto"
     pointwise: str = "auto"
+    regular_conv: str = "auto"
     init_stddev: float = 0.09
     dtype: jnp.dtype = jnp.float32
 
@@ -391,6 +425,6 @@ class ConvBN(nn.Module):
         elif k == 1 and self.stride == 1:
             y = resolve_pointwise(conv.pointwise)(x, kernel)
         else:
-            y = convolution(x, kernel, strides, padding, dilation)
+            y = resolve_regular_conv(conv.regular_conv)(x, kernel, strides, padding, dilation)
         y = BatchNorm(conv.bn_momentum, conv.bn_epsilon, conv.bn_group_size, conv.dtype, name="BatchNorm")(y, train)
         return self.activation(y) if self.activation is not None else y

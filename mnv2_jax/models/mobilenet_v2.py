@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from mnv2_jax.models.layers import ConvBN, Conventions, make_divisible, relu6
 
@@ -211,6 +212,7 @@ class MobileNetV2(nn.Module):
     min_depth: int = 8
     conventions: Conventions = Conventions()
     remat: bool = False  # rematerialise each inverted-residual block (its expanded tensors) for the gradient
+    inference_chunk: int | None = None  # images per device run together by `predict` (0: all; None: auto)
 
     def specs(self, in_features: int = 3) -> list[LayerSpec]:
         return layer_specs(
@@ -260,3 +262,45 @@ class MobileNetV2(nn.Module):
         logits = logits.astype(conv.param_dtype)
         endpoints["logits"] = logits
         return logits, endpoints
+
+
+# Chunks per loop iteration in `predict`: XLA runs the unrolled chunks concurrently; a loop of single chunks
+# was slower on XLA:CPU than the whole batch at once (measured in docs/benchmarks.md, as the CPU default below).
+_PREDICT_UNROLL = 4
+_AUTO_INFERENCE_CHUNK = {"cpu": 1}
+
+
+def resolve_inference_chunk(chunk: int | None, backend: str | None = None) -> int:
+    """Images per device per chunk in inference, 0 for the whole batch; `None` picks per backend (CPU: 1)."""
+    if chunk is None:
+        return _AUTO_INFERENCE_CHUNK.get(backend or jax.default_backend(), 0)
+    return chunk
+
+
+def predict(model: MobileNetV2, variables: dict, images: jax.Array, batch_shards: int = 1) -> jax.Array:
+    """`model.apply(variables, images, train=False)[0]`, run `model.inference_chunk` images per device at a time.
+
+    Chunking changes only the order of the work: every image goes through the same network (inference batch
+    norm uses the stored statistics). On CPU, one image at a time keeps each layer's activations in cache.
+    `batch_shards` is the number of devices the batch is split over (contiguous blocks, as `NamedSharding`
+    splits it); each chunk takes the same number of images from every block, so no device exchanges images.
+    """
+
+    def forward(x: jax.Array) -> jax.Array:
+        return model.apply(variables, x, train=False)[0]
+
+    batch = images.shape[0]
+    per_device = batch // batch_shards
+    chunk = resolve_inference_chunk(model.inference_chunk)
+    if not chunk or chunk >= per_device or batch % batch_shards:
+        return forward(images)
+    chunk = max(c for c in range(1, chunk + 1) if per_device % c == 0)
+    steps = per_device // chunk
+
+    def by_step(x: jax.Array) -> jax.Array:  # (batch, ...) -> (steps, batch_shards * chunk, ...)
+        x = x.reshape(batch_shards, steps, chunk, *x.shape[1:]).swapaxes(0, 1)
+        return x.reshape(steps, batch_shards * chunk, *x.shape[3:])
+
+    _, outputs = lax.scan(lambda _, x: (None, forward(x)), None, by_step(images), unroll=min(_PREDICT_UNROLL, steps))
+    outputs = outputs.reshape(steps, batch_shards, chunk, *outputs.shape[2:]).swapaxes(0, 1)
+    return outputs.reshape(batch, *outputs.shape[3:])

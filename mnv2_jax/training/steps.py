@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mnv2_jax.models import MobileNetV2
+from mnv2_jax.models import MobileNetV2, predict
 from mnv2_jax.training.optim import ema_decay_at
 
 
@@ -109,11 +109,16 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: MobileNetV2, num_classes: int) -> Callable[[dict, dict], dict[str, jax.Array]]:
-    """Sums over the batch of loss, top-1/top-5 hits and the example count, masked (padding counts 0)."""
+def make_eval_step(
+    model: MobileNetV2, num_classes: int, batch_shards: int = 1
+) -> Callable[[dict, dict], dict[str, jax.Array]]:
+    """Sums over the batch of loss, top-1/top-5 hits and the example count, masked (padding counts 0).
+
+    `batch_shards`: the devices the batch is split over (see `models.predict`).
+    """
 
     def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        logits, _ = model.apply(variables, batch["image"], train=False)
+        logits = predict(model, variables, batch["image"], batch_shards)
         mask = batch["mask"].astype(jnp.float32)
         return {
             "loss": jnp.sum(cross_entropy(logits, batch["label"], num_classes) * mask),

@@ -210,7 +210,7 @@ class Trainer:
 
 def jit_eval_step(model: MobileNetV2, num_classes: int, mesh: jax.sharding.Mesh) -> Callable:
     return jax.jit(
-        steps.make_eval_step(model, num_classes),
+        steps.make_eval_step(model, num_classes, mesh.size),
         in_shardings=(distributed.replicated(mesh), distributed.batch_sharded(mesh)),
         out_shardings=distributed.replicated(mesh),
     )

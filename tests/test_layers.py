@@ -12,12 +12,12 @@ from mnv2_jax.models.layers import (
     BatchNorm,
     batch_normalize,
     conv_padding,
+    convolution,
     depthwise_grouped,
     depthwise_shifted,
     make_divisible,
     pointwise_conv,
     pointwise_dot,
-    regular_conv,
     regular_conv_patches,
     relu6,
     resolve_depthwise,
@@ -152,12 +152,12 @@ def test_regular_conv_patches_equals_convolution_with_gradients(size, kernel_siz
         loss = lambda x, k: jnp.sum(jnp.sin(fn(x, k, *args)))
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, kernel)
 
-    assert regular_conv_patches(x, kernel, *args).shape == regular_conv(x, kernel, *args).shape
-    expected, actual = value_and_grads(regular_conv), value_and_grads(regular_conv_patches)
+    assert regular_conv_patches(x, kernel, *args).shape == convolution(x, kernel, *args).shape
+    expected, actual = value_and_grads(convolution), value_and_grads(regular_conv_patches)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
     assert resolve_regular_conv("auto", "cpu") is regular_conv_patches
-    assert resolve_regular_conv("auto", "gpu") is regular_conv
+    assert resolve_regular_conv("auto", "gpu") is convolution
     with pytest.raises(ValueError, match=r"model\.regular_conv must be one of \('auto', 'conv', 'patches'\)"):
         resolve_regular_conv("fft")
 

@@ -233,19 +233,12 @@ def resolve_pointwise(name: str, backend: str | None = None) -> Callable[[jax.Ar
     return _resolve("model.pointwise", name, POINTWISE_IMPLEMENTATIONS, {"cpu": "dot"}, backend)
 
 
-def regular_conv(
-    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, dilation: tuple[int, int]
-) -> jax.Array:
-    """A k x k convolution (not depthwise) as XLA's convolution."""
-    return convolution(x, kernel, strides, padding, dilation)
-
-
 def regular_conv_patches(
     x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, dilation: tuple[int, int]
 ) -> jax.Array:
     """A k x k convolution as one matrix product over the input's patches (im2col).
 
-    The same operation as `regular_conv`. The stem has 3 input channels, where
+    The same operation as `convolution`. The stem has 3 input channels, where
     XLA:CPU's convolution reaches a fraction of its matrix-product speed; the
     patches are the depthwise path's shifted views, side by side.
     """
@@ -255,7 +248,7 @@ def regular_conv_patches(
 
 
 REGULAR_CONV_IMPLEMENTATIONS: dict[str, ConvFn] = {
-    "conv": regular_conv,
+    "conv": convolution,
     "patches": regular_conv_patches,
 }
 

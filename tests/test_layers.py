@@ -107,28 +107,52 @@ def test_depthwise_gradients_agree(monkeypatch, stride, dilation, mode, chunk_by
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_resolve_depthwise_auto_and_errors():
-    assert resolve_depthwise("auto", "cpu") is depthwise_shifted
-    assert resolve_depthwise("auto", "gpu") is depthwise_grouped
-    with pytest.raises(ValueError, match=r"model\.depthwise must be one of"):
-        resolve_depthwise("fft")
+@pytest.mark.parametrize(
+    "resolve, on_cpu, other_backend, elsewhere, bad_name, message",
+    [
+        (resolve_depthwise, depthwise_shifted, "gpu", depthwise_grouped, "fft", r"model\.depthwise must be one of"),
+        (
+            resolve_pointwise,
+            pointwise_dot,
+            "tpu",
+            pointwise_conv,
+            "winograd",
+            r"model\.pointwise must be one of \('auto', 'conv', 'dot'\)",
+        ),
+        (
+            resolve_regular_conv,
+            regular_conv_patches,
+            "gpu",
+            convolution,
+            "fft",
+            r"model\.regular_conv must be one of \('auto', 'conv', 'patches'\)",
+        ),
+    ],
+)
+def test_resolve_auto_per_backend_and_errors(resolve, on_cpu, other_backend, elsewhere, bad_name, message):
+    assert resolve("auto", "cpu") is on_cpu
+    assert resolve("auto", other_backend) is elsewhere
+    with pytest.raises(ValueError, match=message):
+        resolve(bad_name)
+
+
+def value_and_grads(fn, x, kernel, *args):
+    """The value and both gradients of a scalar loss of `fn(x, kernel, *args)`, compiled."""
+    loss = lambda x, k: jnp.sum(jnp.sin(fn(x, k, *args)))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, kernel)
+
+
+def assert_trees_close(expected, actual, atol, rtol):
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
+        np.testing.assert_allclose(a, b, atol=atol, rtol=rtol)
 
 
 def test_pointwise_dot_equals_convolution_with_gradients():
     x = jax.random.normal(jax.random.key(0), (3, 5, 4, 6))
     kernel = jax.random.normal(jax.random.key(1), (1, 1, 6, 7))
-
-    def value_and_grads(fn):
-        return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(fn(x, k))), argnums=(0, 1)))(x, kernel)
-
-    expected, actual = value_and_grads(pointwise_conv), value_and_grads(pointwise_dot)
     assert pointwise_dot(x, kernel).shape == (3, 5, 4, 7)
-    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-    assert resolve_pointwise("auto", "cpu") is pointwise_dot
-    assert resolve_pointwise("auto", "tpu") is pointwise_conv
-    with pytest.raises(ValueError, match=r"model\.pointwise must be one of \('auto', 'conv', 'dot'\)"):
-        resolve_pointwise("winograd")
+    expected, actual = value_and_grads(pointwise_conv, x, kernel), value_and_grads(pointwise_dot, x, kernel)
+    assert_trees_close(expected, actual, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -147,19 +171,10 @@ def test_regular_conv_patches_equals_convolution_with_gradients(size, kernel_siz
     kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 3, 5))
     padding = tuple(conv_padding(s, kernel_size, stride, dilation, mode) for s in x.shape[1:3])
     args = ((stride, stride), padding, (dilation, dilation))
-
-    def value_and_grads(fn):
-        loss = lambda x, k: jnp.sum(jnp.sin(fn(x, k, *args)))
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, kernel)
-
     assert regular_conv_patches(x, kernel, *args).shape == convolution(x, kernel, *args).shape
-    expected, actual = value_and_grads(convolution), value_and_grads(regular_conv_patches)
-    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
-    assert resolve_regular_conv("auto", "cpu") is regular_conv_patches
-    assert resolve_regular_conv("auto", "gpu") is convolution
-    with pytest.raises(ValueError, match=r"model\.regular_conv must be one of \('auto', 'conv', 'patches'\)"):
-        resolve_regular_conv("fft")
+    expected = value_and_grads(convolution, x, kernel, *args)
+    actual = value_and_grads(regular_conv_patches, x, kernel, *args)
+    assert_trees_close(expected, actual, atol=1e-4, rtol=1e-5)
 
 
 def test_relu6_value_and_gradient_match_tensorflow_and_torch():

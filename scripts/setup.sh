@@ -39,5 +39,7 @@ apt_install() {
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# g++: builds the C++ CPU kernels on first use (mnv2_jax/kernels/cpu.py); without it the XLA forms are used.
+apt_install g++ || echo "warning: g++ not installed; the CPU depthwise falls back to the shifted XLA form" >&2
 # jemalloc: the host allocator `mnv2` runs XLA:CPU with (mnv2_jax/host_memory.py); without it, glibc's huge pages.
 apt_install libjemalloc2 || echo "warning: libjemalloc2 not installed; mnv2 falls back to glibc's allocator" >&2

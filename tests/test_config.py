@@ -38,7 +38,10 @@ def test_torch_convention_preset():
         (["--config.model.output_stride=4"], "model.output_stride must be one of (8, 16, 32), got 4"),
         (["--config.model.padding=valid"], "model.padding must be one of ('same', 'symmetric'), got 'valid'"),
         (["--config.model.residual=dense"], "model.residual must be one of ('bottleneck', 'expansion', 'none')"),
-        (["--config.model.depthwise=fft"], "model.depthwise must be one of ('auto', 'grouped', 'shifted')"),
+        (
+            ["--config.model.depthwise=fft"],
+            "model.depthwise must be one of ('auto', 'grouped', 'shifted', 'cpu_kernel')",
+        ),
         (["--config.model.regular_conv=fft"], "model.regular_conv must be one of ('auto', 'conv', 'patches')"),
         (["--config.model.inference_chunk=-2"], "model.inference_chunk must be an int >= 0 (0 = the whole batch)"),
         (["--config.model.stage_expansion=(6, 6)"], "model.stage_expansion needs 7 values"),

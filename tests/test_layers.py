@@ -7,12 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mnv2_jax.kernels import cpu as cpu_kernels
 from mnv2_jax.models import layers
 from mnv2_jax.models.layers import (
     BatchNorm,
     batch_normalize,
     conv_padding,
     convolution,
+    depthwise_cpu_kernel,
     depthwise_grouped,
     depthwise_shifted,
     make_divisible,
@@ -61,21 +63,23 @@ def test_conv_padding(size, stride, dilation, mode, expected):
 
 
 @pytest.mark.parametrize(
-    "size, stride, dilation, mode",
-    list(itertools.product((7, 8), (1, 2), (1, 2, 4), ("same", "symmetric"))),
+    "implementation, size, stride, dilation, mode",
+    itertools.product((depthwise_shifted, depthwise_cpu_kernel), (7, 8), (1, 2), (1, 2, 4), ("same", "symmetric")),
 )
-def test_shifted_depthwise_equals_grouped_convolution(size, stride, dilation, mode):
+def test_depthwise_equals_grouped_convolution(implementation, size, stride, dilation, mode):
+    """The shifted form and the C++ kernel (37 channels: full 32-wide blocks and a remainder) equal XLA's op."""
     kx, kk = jax.random.split(jax.random.key(size * 100 + stride * 10 + dilation))
-    x = jax.random.normal(kx, (2, size, size + 1, 5))
-    kernel = jax.random.normal(kk, (3, 3, 1, 5))
+    x = jax.random.normal(kx, (2, size, size + 1, 37))
+    kernel = jax.random.normal(kk, (3, 3, 1, 37))
     padding = tuple(conv_padding(s, 3, stride, dilation, mode) for s in x.shape[1:3])
     args = (x, kernel, (stride, stride), padding, (dilation, dilation))
     expected = depthwise_grouped(*args)
-    actual = depthwise_shifted(*args)
+    actual = jax.jit(implementation, static_argnums=(2, 3, 4))(*args)
     assert actual.shape == expected.shape
     np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", [depthwise_shifted, depthwise_cpu_kernel])
 @pytest.mark.parametrize(
     "stride, dilation, mode, chunk_bytes, size",
     [
@@ -89,21 +93,22 @@ def test_shifted_depthwise_equals_grouped_convolution(size, stride, dilation, mo
         (2, 1, "symmetric", None, 4),
     ],
 )
-def test_depthwise_gradients_agree(monkeypatch, stride, dilation, mode, chunk_bytes, size):
-    """The shifted form's own VJP (transposed input gradient, kernel gradient looped over batch chunks) equals
-    autodiff of the grouped conv, for odd and even sizes (TF's 'same' drops or pads the last row)."""
-    if chunk_bytes is not None:  # force several chunks: 1 image per step, or a few
+def test_depthwise_gradients_agree(monkeypatch, implementation, stride, dilation, mode, chunk_bytes, size):
+    """The shifted form's own VJP (transposed input gradient, kernel gradient looped over batch chunks) and the
+    C++ kernels' gradients equal autodiff of the grouped conv, for odd and even sizes (TF's 'same' drops or pads
+    the last row)."""
+    if chunk_bytes is not None:  # the shifted form's kernel gradient in several chunks: 1 image per step, or a few
         monkeypatch.setattr(layers, "_KERNEL_GRAD_CHUNK_BYTES", chunk_bytes)
-    x = jax.random.normal(jax.random.key(0), (6, size, size - 1, 4))
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 4))
+    x = jax.random.normal(jax.random.key(0), (6, size, size - 1, 41))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 41))
     padding = tuple(conv_padding(s, 3, stride, dilation, mode) for s in x.shape[1:3])
 
     def loss(fn, x, k):
         return jnp.sum(jnp.sin(fn(x, k, (stride, stride), padding, (dilation, dilation))))
 
     grads_grouped = jax.grad(lambda x, k: loss(depthwise_grouped, x, k), argnums=(0, 1))(x, kernel)
-    grads_shifted = jax.jit(jax.grad(lambda x, k: loss(depthwise_shifted, x, k), argnums=(0, 1)))(x, kernel)
-    for a, b in zip(grads_grouped, grads_shifted, strict=True):
+    grads = jax.jit(jax.grad(lambda x, k: loss(implementation, x, k), argnums=(0, 1)))(x, kernel)
+    for a, b in zip(grads_grouped, grads, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -134,6 +139,56 @@ def test_resolve_auto_per_backend_and_errors(resolve, on_cpu, other_backend, els
     assert resolve("auto", other_backend) is elsewhere
     with pytest.raises(ValueError, match=message):
         resolve(bad_name)
+
+
+def test_depthwise_auto_on_cpu_takes_the_kernels_with_one_device(monkeypatch):
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert resolve_depthwise("auto", "cpu") is depthwise_cpu_kernel
+    monkeypatch.setattr(jax, "device_count", lambda: 8)  # a custom call would gather a sharded batch
+    assert resolve_depthwise("auto", "cpu") is depthwise_shifted
+
+
+def test_kernel_build_is_cached_and_its_failures_are_reported(monkeypatch, tmp_path):
+    library = cpu_kernels.build(tmp_path, "g++")
+    built_at = library.stat().st_mtime_ns
+    assert cpu_kernels.build(tmp_path, "g++") == library and library.stat().st_mtime_ns == built_at
+    with pytest.raises(cpu_kernels.KernelBuildError, match="no C\\+\\+ compiler 'no-such-g\\+\\+'"):
+        cpu_kernels.build(tmp_path / "other", "no-such-g++")
+    with pytest.raises(cpu_kernels.KernelBuildError, match=r"false .* failed"):
+        cpu_kernels.build(tmp_path / "other", "false")
+    assert not list((tmp_path / "other").glob("**/*.so"))  # no partial library left behind
+
+    monkeypatch.setattr(cpu_kernels, "_load", lambda: "compiler said no")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    with pytest.warns(UserWarning, match="compiler said no"):
+        assert resolve_depthwise("auto", "cpu") is depthwise_shifted
+    with pytest.raises(cpu_kernels.KernelBuildError, match="compiler said no"):
+        cpu_kernels.load()
+
+
+def test_cpu_kernel_takes_the_shifted_form_for_other_dtypes():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 8), jnp.bfloat16)
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 8), jnp.bfloat16)
+    args = (x, kernel, (1, 1), ((1, 1), (1, 1)), (1, 1))
+    assert "ffi_call" not in str(jax.make_jaxpr(depthwise_cpu_kernel, static_argnums=(2, 3, 4))(*args))
+    np.testing.assert_array_equal(depthwise_cpu_kernel(*args), depthwise_shifted(*args))
+
+
+def test_cpu_kernel_under_vmap_and_a_sharded_batch():
+    """Correct, not fast, under a mesh: XLA gathers a custom call's operands (why `auto` needs one device)."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (16, 9, 9, 24)), sharding)
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 24))
+    args = ((2, 2), ((0, 1), (0, 1)), (1, 1))
+    assert_trees_close(
+        value_and_grads(depthwise_shifted, x, kernel, *args),
+        value_and_grads(depthwise_cpu_kernel, x, kernel, *args),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    per_group = jax.vmap(lambda xs: depthwise_cpu_kernel(xs, kernel, *args))(x.reshape(2, 8, 9, 9, 24))
+    np.testing.assert_allclose(per_group.reshape(16, 4, 4, 24), depthwise_shifted(x, kernel, *args), atol=1e-5)
 
 
 def value_and_grads(fn, x, kernel, *args):

@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mnv2_jax.kernels import cpu as cpu_kernels
+from mnv2_jax.kernels.depthwise import depthwise_conv as depthwise_conv_kernel
+
 Padding = tuple[tuple[int, int], tuple[int, int]]
 # (x, kernel, strides, padding, dilation) -> y: the depthwise and the k x k convolution implementations
 ConvFn = Callable[[jax.Array, jax.Array, tuple[int, int], Padding, tuple[int, int]], jax.Array]
@@ -186,9 +189,24 @@ def _depthwise_shifted_bwd(strides, padding, dilation, residuals, grad_out):
 depthwise_shifted.defvjp(_depthwise_shifted_fwd, _depthwise_shifted_bwd)
 
 
+def depthwise_cpu_kernel(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding, dilation: tuple[int, int]
+) -> jax.Array:
+    """Depthwise convolution and both gradients as this package's C++ XLA:CPU kernels (`mnv2_jax/kernels`).
+
+    float32 only: other dtypes take the shifted form. Raises if the backend is not CPU or the kernels do not build.
+    """
+    if jax.default_backend() != "cpu":
+        raise ValueError(f"model.depthwise='cpu_kernel' runs on CPU only, not {jax.default_backend()}")
+    if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+        return depthwise_shifted(x, kernel, strides, padding, dilation)
+    return depthwise_conv_kernel(x, kernel, strides, padding, dilation)
+
+
 DEPTHWISE_IMPLEMENTATIONS: dict[str, ConvFn] = {
     "grouped": depthwise_grouped,
     "shifted": depthwise_shifted,
+    "cpu_kernel": depthwise_cpu_kernel,
 }
 
 
@@ -203,8 +221,14 @@ def _resolve(field: str, name: str, implementations: dict, fastest: dict[str, st
 
 
 def resolve_depthwise(name: str, backend: str | None = None) -> ConvFn:
-    """Returns the depthwise implementation; `auto` picks the fastest measured one per backend."""
-    return _resolve("model.depthwise", name, DEPTHWISE_IMPLEMENTATIONS, {"cpu": "shifted"}, backend)
+    """Returns the depthwise implementation; `auto` picks the fastest measured one per backend.
+
+    On CPU that is the C++ kernels where they build and the process has one device, else the shifted form: a
+    custom call has no sharding rule, so under a multi-device mesh XLA would gather its operands to every device.
+    """
+    if name == "auto" and (backend or jax.default_backend()) == "cpu":
+        name = "cpu_kernel" if jax.device_count() == 1 and cpu_kernels.available() else "shifted"
+    return _resolve("model.depthwise", name, DEPTHWISE_IMPLEMENTATIONS, {}, backend)
 
 
 def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -1,0 +1,232 @@
+// Depthwise convolution (NHWC input, (KH, KW, 1, C) HWIO kernel) and its two gradients as XLA:CPU FFI kernels,
+// float32. Built and registered by mnv2_jax/kernels/cpu.py; equal to XLA's grouped convolution (tests/test_layers.py).
+//
+// Each pass reads its operands once, one image row at a time (the rows a tap reads stay in L1/L2), and keeps
+// 32 channels of the sum in vector registers; rows are spread over XLA's intra-op thread pool. XLA itself
+// splits the same depthwise into a padded copy, the taps and a sum, and its kernel gradient into a chunk loop.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+struct Geometry {
+  int64_t n, h, w, c, kh, kw, oh, ow, sh, sw, pt, pl, dh, dw;
+};
+
+// Runs body(task) for task in [0, tasks) on the caller and the intra-op pool; returns when all are done.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const Body& body) {
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks) - 1;
+  if (helpers <= 0) {
+    for (int64_t t = 0; t < tasks; ++t) body(t);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  auto state = std::make_shared<State>();
+  const Body* shared_body = &body;
+  auto work = [state, shared_body, tasks]() {
+    for (int64_t t; (t = state->next.fetch_add(1)) < tasks;) {
+      (*shared_body)(t);  // only reached while the caller waits for this task
+      if (state->done.fetch_add(1) + 1 == tasks) {
+        std::lock_guard<std::mutex> lock(state->mutex);
+        state->finished.notify_all();
+      }
+    }
+  };
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done.load() == tasks; });
+}
+
+template <int B>
+inline void SumOfProducts(const float* const* a, const float* const* b, int64_t terms, int64_t offset, float* out) {
+  float acc[B] = {};
+  for (int64_t t = 0; t < terms; ++t) {
+    const float* ap = a[t] + offset;
+    const float* bp = b[t] + offset;
+    for (int j = 0; j < B; ++j) acc[j] += ap[j] * bp[j];
+  }
+  for (int j = 0; j < B; ++j) out[offset + j] = acc[j];
+}
+
+// out[c] = sum_t a[t][c] * b[t][c] for c in [0, channels).
+MULTIVERSION void ChannelSums(const float* const* a, const float* const* b, int64_t terms, int64_t channels,
+                              float* out) {
+  int64_t c = 0;
+  for (; c + 32 <= channels; c += 32) SumOfProducts<32>(a, b, terms, c, out);
+  for (; c + 8 <= channels; c += 8) SumOfProducts<8>(a, b, terms, c, out);
+  for (; c < channels; ++c) SumOfProducts<1>(a, b, terms, c, out);
+}
+
+// One output row of the forward pass: y[n, oh, :, :].
+void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int64_t row) {
+  int64_t n = row / g.oh, oh = row % g.oh;
+  std::vector<const float*> xs(g.kh * g.kw), ks(g.kh * g.kw);
+  for (int64_t ow = 0; ow < g.ow; ++ow) {
+    int64_t terms = 0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      int64_t ih = oh * g.sh + i * g.dh - g.pt;
+      if (ih < 0 || ih >= g.h) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        int64_t iw = ow * g.sw + j * g.dw - g.pl;
+        if (iw < 0 || iw >= g.w) continue;
+        xs[terms] = x + ((n * g.h + ih) * g.w + iw) * g.c;
+        ks[terms++] = k + (i * g.kw + j) * g.c;
+      }
+    }
+    ChannelSums(xs.data(), ks.data(), terms, g.c, y + ((n * g.oh + oh) * g.ow + ow) * g.c);
+  }
+}
+
+// One input row of the input gradient: dx[n, ih, :, :] = sum over the taps that read it.
+void InputGradientRow(const Geometry& g, const float* dy, const float* k, float* dx, int64_t row) {
+  int64_t n = row / g.h, ih = row % g.h;
+  std::vector<const float*> ds(g.kh * g.kw), ks(g.kh * g.kw);
+  for (int64_t iw = 0; iw < g.w; ++iw) {
+    int64_t terms = 0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      int64_t oh_scaled = ih + g.pt - i * g.dh;
+      if (oh_scaled < 0 || oh_scaled % g.sh || oh_scaled / g.sh >= g.oh) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        int64_t ow_scaled = iw + g.pl - j * g.dw;
+        if (ow_scaled < 0 || ow_scaled % g.sw || ow_scaled / g.sw >= g.ow) continue;
+        ds[terms] = dy + ((n * g.oh + oh_scaled / g.sh) * g.ow + ow_scaled / g.sw) * g.c;
+        ks[terms++] = k + (i * g.kw + j) * g.c;
+      }
+    }
+    ChannelSums(ds.data(), ks.data(), terms, g.c, dx + ((n * g.h + ih) * g.w + iw) * g.c);
+  }
+}
+
+template <int B>
+inline void AccumulateBlock(const float* x, const float* dy, int64_t x_step, int64_t dy_step, int64_t count,
+                            int64_t offset, float* acc_out) {
+  float acc[B];
+  for (int j = 0; j < B; ++j) acc[j] = acc_out[offset + j];
+  for (int64_t p = 0; p < count; ++p) {
+    const float* xp = x + p * x_step + offset;
+    const float* dp = dy + p * dy_step + offset;
+    for (int j = 0; j < B; ++j) acc[j] += xp[j] * dp[j];
+  }
+  for (int j = 0; j < B; ++j) acc_out[offset + j] = acc[j];
+}
+
+// acc[c] += sum_p x[p * x_step + c] * dy[p * dy_step + c] for p in [0, count).
+MULTIVERSION void AccumulateProducts(const float* x, const float* dy, int64_t x_step, int64_t dy_step, int64_t count,
+                                     int64_t channels, float* acc) {
+  int64_t c = 0;
+  for (; c + 32 <= channels; c += 32) AccumulateBlock<32>(x, dy, x_step, dy_step, count, c, acc);
+  for (; c + 8 <= channels; c += 8) AccumulateBlock<8>(x, dy, x_step, dy_step, count, c, acc);
+  for (; c < channels; ++c) AccumulateBlock<1>(x, dy, x_step, dy_step, count, c, acc);
+}
+
+// Adds one output row's contribution to the kernel gradient: acc[tap, c] += sum_ow x[.., c] * dy[n, oh, ow, c].
+void KernelGradientRow(const Geometry& g, const float* x, const float* dy, float* acc, int64_t row) {
+  int64_t n = row / g.oh, oh = row % g.oh;
+  const float* dy_row = dy + (n * g.oh + oh) * g.ow * g.c;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    int64_t ih = oh * g.sh + i * g.dh - g.pt;
+    if (ih < 0 || ih >= g.h) continue;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      // Output columns whose input column iw = ow * sw + j * dw - pl lies inside the image.
+      int64_t offset = j * g.dw - g.pl;
+      int64_t first = offset >= 0 ? 0 : (-offset + g.sw - 1) / g.sw;
+      int64_t last = std::min(g.ow, (g.w - 1 - offset) / g.sw + 1);  // exclusive
+      if (g.w - 1 - offset < 0 || last <= first) continue;
+      const float* x_start = x + ((n * g.h + ih) * g.w + first * g.sw + offset) * g.c;
+      AccumulateProducts(x_start, dy_row + first * g.c, g.sw * g.c, g.c, last - first, g.c,
+                         acc + (i * g.kw + j) * g.c);
+    }
+  }
+}
+
+Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
+                      int64_t pl, int64_t dh, int64_t dw) {
+  return Geometry{x[0], x[1], x[2], x[3], k[0], k[1], y[1], y[2], sh, sw, pt, pl, dh, dw};
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t dh,
+                   int64_t dw) {
+  Geometry g = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), sh, sw, pt, pl, dh, dw);
+  const float* xp = x.typed_data();
+  const float* kp = kernel.typed_data();
+  float* yp = y->typed_data();
+  ParallelFor(pool, g.n * g.oh, [&](int64_t row) { ForwardRow(g, xp, kp, yp, row); });
+  return ffi::Error::Success();
+}
+
+ffi::Error InputGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
+                         ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t dh,
+                         int64_t dw) {
+  Geometry g = MakeGeometry(dx->dimensions(), kernel.dimensions(), dy.dimensions(), sh, sw, pt, pl, dh, dw);
+  const float* dyp = dy.typed_data();
+  const float* kp = kernel.typed_data();
+  float* dxp = dx->typed_data();
+  ParallelFor(pool, g.n * g.h, [&](int64_t row) { InputGradientRow(g, dyp, kp, dxp, row); });
+  return ffi::Error::Success();
+}
+
+// A fixed number of partial sums, added in a fixed order: the result does not depend on the thread count.
+constexpr int64_t kKernelGradientParts = 16;
+
+ffi::Error KernelGradient(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                          ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t dh,
+                          int64_t dw) {
+  Geometry g = MakeGeometry(x.dimensions(), dk->dimensions(), dy.dimensions(), sh, sw, pt, pl, dh, dw);
+  int64_t rows = g.n * g.oh, size = g.kh * g.kw * g.c;
+  int64_t parts = std::min(rows, kKernelGradientParts);
+  std::vector<float> partial(parts * size, 0.0f);
+  const float* xp = x.typed_data();
+  const float* dyp = dy.typed_data();
+  ParallelFor(pool, parts, [&](int64_t part) {
+    for (int64_t row = part * rows / parts; row < (part + 1) * rows / parts; ++row)
+      KernelGradientRow(g, xp, dyp, partial.data() + part * size, row);
+  });
+  float* out = dk->typed_data();
+  std::fill(out, out + size, 0.0f);
+  for (int64_t part = 0; part < parts; ++part)
+    for (int64_t i = 0; i < size; ++i) out[i] += partial[part * size + i];
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Two float32 operands, one float32 result, the geometry as attributes (names as in mnv2_jax/kernels/cpu.py).
+#define DEPTHWISE_BINDING()                                                                           \
+  ffi::Ffi::Bind()                                                                                     \
+      .Ctx<ffi::ThreadPool>()                                                                          \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                    \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                    \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                                    \
+      .Attr<int64_t>("stride_h")                                                                       \
+      .Attr<int64_t>("stride_w")                                                                       \
+      .Attr<int64_t>("pad_top")                                                                        \
+      .Attr<int64_t>("pad_left")                                                                       \
+      .Attr<int64_t>("dilation_h")                                                                     \
+      .Attr<int64_t>("dilation_w")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Mnv2DepthwiseForward, Forward, DEPTHWISE_BINDING());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Mnv2DepthwiseInputGradient, InputGradient, DEPTHWISE_BINDING());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Mnv2DepthwiseKernelGradient, KernelGradient, DEPTHWISE_BINDING());

@@ -18,12 +18,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MULTIVERSION
-#endif
-
 struct Geometry {
   int64_t n, h, w, c, kh, kw, oh, ow, sh, sw, pt, pl, dh, dw;
 };
@@ -71,8 +65,7 @@ inline void SumOfProducts(const float* const* a, const float* const* b, int64_t 
 }
 
 // out[c] = sum_t a[t][c] * b[t][c] for c in [0, channels).
-MULTIVERSION void ChannelSums(const float* const* a, const float* const* b, int64_t terms, int64_t channels,
-                              float* out) {
+void ChannelSums(const float* const* a, const float* const* b, int64_t terms, int64_t channels, float* out) {
   int64_t c = 0;
   for (; c + 32 <= channels; c += 32) SumOfProducts<32>(a, b, terms, c, out);
   for (; c + 8 <= channels; c += 8) SumOfProducts<8>(a, b, terms, c, out);
@@ -133,8 +126,8 @@ inline void AccumulateBlock(const float* x, const float* dy, int64_t x_step, int
 }
 
 // acc[c] += sum_p x[p * x_step + c] * dy[p * dy_step + c] for p in [0, count).
-MULTIVERSION void AccumulateProducts(const float* x, const float* dy, int64_t x_step, int64_t dy_step, int64_t count,
-                                     int64_t channels, float* acc) {
+void AccumulateProducts(const float* x, const float* dy, int64_t x_step, int64_t dy_step, int64_t count,
+                        int64_t channels, float* acc) {
   int64_t c = 0;
   for (; c + 32 <= channels; c += 32) AccumulateBlock<32>(x, dy, x_step, dy_step, count, c, acc);
   for (; c + 8 <= channels; c += 8) AccumulateBlock<8>(x, dy, x_step, dy_step, count, c, acc);

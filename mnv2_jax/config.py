@@ -56,7 +56,7 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     model.nonlinear_bottleneck = False
     model.divisible_by = 8
     model.min_depth = 8
-    model.depthwise = "auto"  # CPU: C++ kernels (one device; else shifted multiply-adds); elsewhere: XLA grouped conv
+    model.depthwise = "auto"  # CPU: C++ kernels to train (one device), else shifted multiply-adds; elsewhere: grouped
     model.pointwise = "auto"  # 1x1 convs; CPU: matrix products; elsewhere: XLA convolution
     model.regular_conv = "auto"  # the 3x3 stem; CPU: one matrix product over patches; elsewhere: XLA convolution
     # Images per device run through the network together in inference (eval, predict, bench); 0: the whole

@@ -64,7 +64,9 @@ def test_conv_padding(size, stride, dilation, mode, expected):
 
 @pytest.mark.parametrize(
     "implementation, size, stride, dilation, mode",
-    itertools.product((depthwise_shifted, depthwise_cpu_kernel), (7, 8), (1, 2), (1, 2, 4), ("same", "symmetric")),
+    list(
+        itertools.product((depthwise_shifted, depthwise_cpu_kernel), (7, 8), (1, 2), (1, 2, 4), ("same", "symmetric"))
+    ),
 )
 def test_depthwise_equals_grouped_convolution(implementation, size, stride, dilation, mode):
     """The shifted form and the C++ kernel (37 channels: full 32-wide blocks and a remainder) equal XLA's op."""
@@ -141,9 +143,11 @@ def test_resolve_auto_per_backend_and_errors(resolve, on_cpu, other_backend, els
         resolve(bad_name)
 
 
-def test_depthwise_auto_on_cpu_takes_the_kernels_with_one_device(monkeypatch):
+def test_depthwise_auto_on_cpu_takes_the_kernels_for_training_with_one_device(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda: 1)
     assert resolve_depthwise("auto", "cpu") is depthwise_cpu_kernel
+    assert resolve_depthwise("auto", "cpu", train=False) is depthwise_shifted
+    assert resolve_depthwise("auto", "gpu") is depthwise_grouped
     monkeypatch.setattr(jax, "device_count", lambda: 8)  # a custom call would gather a sharded batch
     assert resolve_depthwise("auto", "cpu") is depthwise_shifted
 

@@ -220,14 +220,16 @@ def _resolve(field: str, name: str, implementations: dict, fastest: dict[str, st
         raise ValueError(f"{field} must be one of {('auto', *implementations)}, got {name!r}") from None
 
 
-def resolve_depthwise(name: str, backend: str | None = None) -> ConvFn:
+def resolve_depthwise(name: str, backend: str | None = None, train: bool = True) -> ConvFn:
     """Returns the depthwise implementation; `auto` picks the fastest measured one per backend.
 
-    On CPU that is the C++ kernels where they build and the process has one device, else the shifted form: a
-    custom call has no sharding rule, so under a multi-device mesh XLA would gather its operands to every device.
+    On CPU: for training the C++ kernels, where they build and the process has one device (a custom call has no
+    sharding rule, so under a multi-device mesh XLA would gather its operands to every device); for inference,
+    which runs one image at a time, and otherwise, the shifted form (measured faster there: XLA overlaps the
+    unrolled images' layers on both cores).
     """
     if name == "auto" and (backend or jax.default_backend()) == "cpu":
-        name = "cpu_kernel" if jax.device_count() == 1 and cpu_kernels.available() else "shifted"
+        name = "cpu_kernel" if train and jax.device_count() == 1 and cpu_kernels.available() else "shifted"
     return _resolve("model.depthwise", name, DEPTHWISE_IMPLEMENTATIONS, {}, backend)
 
 
@@ -438,7 +440,7 @@ class ConvBN(nn.Module):
         padding = tuple(conv_padding(size, k, self.stride, self.dilation, conv.padding) for size in x.shape[1:3])
         strides, dilation = (self.stride, self.stride), (self.dilation, self.dilation)
         if self.depthwise:
-            y = resolve_depthwise(conv.depthwise)(x, kernel, strides, padding, dilation)
+            y = resolve_depthwise(conv.depthwise, train=train)(x, kernel, strides, padding, dilation)
         elif k == 1 and self.stride == 1:
             y = resolve_pointwise(conv.pointwise)(x, kernel)
         else:

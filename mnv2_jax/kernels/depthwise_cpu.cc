@@ -1,9 +1,10 @@
 // Depthwise convolution (NHWC input, (KH, KW, 1, C) HWIO kernel) and its two gradients as XLA:CPU FFI kernels,
 // float32. Built and registered by mnv2_jax/kernels/cpu.py; equal to XLA's grouped convolution (tests/test_layers.py).
 //
-// Each pass reads its operands once, one image row at a time (the rows a tap reads stay in L1/L2), and keeps
-// 32 channels of the sum in vector registers; rows are spread over XLA's intra-op thread pool. XLA itself
-// splits the same depthwise into a padded copy, the taps and a sum, and its kernel gradient into a chunk loop.
+// Each pass reads its operands once, one image row at a time: the forward pass and the input gradient add each
+// tap's shifted row times the tap into the row they write (in L1), the kernel gradient keeps 32 channels of each
+// tap's sum in vector registers. Rows are spread over XLA's intra-op thread pool. XLA itself splits the same
+// depthwise into a padded copy, the taps and a sum, and its kernel gradient into a loop over batch chunks.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -53,62 +54,57 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const Body& body) {
   state->finished.wait(lock, [&] { return state->done.load() == tasks; });
 }
 
-template <int B>
-inline void SumOfProducts(const float* const* a, const float* const* b, int64_t terms, int64_t offset, float* out) {
-  float acc[B] = {};
-  for (int64_t t = 0; t < terms; ++t) {
-    const float* ap = a[t] + offset;
-    const float* bp = b[t] + offset;
-    for (int j = 0; j < B; ++j) acc[j] += ap[j] * bp[j];
+// out[p * out_step + c] += in[p * in_step + c] * weight[c] for p in [0, count), c in [0, channels).
+void MultiplyAddRows(float* __restrict out, const float* __restrict in, const float* __restrict weight,
+                     int64_t out_step, int64_t in_step, int64_t count, int64_t channels) {
+  for (int64_t p = 0; p < count; ++p) {
+    float* o = out + p * out_step;
+    const float* x = in + p * in_step;
+    for (int64_t c = 0; c < channels; ++c) o[c] += x[c] * weight[c];
   }
-  for (int j = 0; j < B; ++j) out[offset + j] = acc[j];
 }
 
-// out[c] = sum_t a[t][c] * b[t][c] for c in [0, channels).
-void ChannelSums(const float* const* a, const float* const* b, int64_t terms, int64_t channels, float* out) {
-  int64_t c = 0;
-  for (; c + 32 <= channels; c += 32) SumOfProducts<32>(a, b, terms, c, out);
-  for (; c + 8 <= channels; c += 8) SumOfProducts<8>(a, b, terms, c, out);
-  for (; c < channels; ++c) SumOfProducts<1>(a, b, terms, c, out);
+// The output columns [first, last) whose input column ow * stride + offset lies in [0, size).
+inline void ValidRange(int64_t offset, int64_t stride, int64_t size, int64_t outputs, int64_t* first, int64_t* last) {
+  *first = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  *last = size - 1 - offset < 0 ? 0 : std::min(outputs, (size - 1 - offset) / stride + 1);
 }
 
-// One output row of the forward pass: y[n, oh, :, :].
+// One output row of the forward pass: y[n, oh, :, :] = sum over taps of a shifted input row times the tap.
 void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int64_t row) {
   int64_t n = row / g.oh, oh = row % g.oh;
-  std::vector<const float*> xs(g.kh * g.kw), ks(g.kh * g.kw);
-  for (int64_t ow = 0; ow < g.ow; ++ow) {
-    int64_t terms = 0;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      int64_t ih = oh * g.sh + i * g.dh - g.pt;
-      if (ih < 0 || ih >= g.h) continue;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        int64_t iw = ow * g.sw + j * g.dw - g.pl;
-        if (iw < 0 || iw >= g.w) continue;
-        xs[terms] = x + ((n * g.h + ih) * g.w + iw) * g.c;
-        ks[terms++] = k + (i * g.kw + j) * g.c;
-      }
+  float* y_row = y + row * g.ow * g.c;
+  std::fill(y_row, y_row + g.ow * g.c, 0.0f);
+  for (int64_t i = 0; i < g.kh; ++i) {
+    int64_t ih = oh * g.sh + i * g.dh - g.pt;
+    if (ih < 0 || ih >= g.h) continue;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      int64_t offset = j * g.dw - g.pl, first, last;
+      ValidRange(offset, g.sw, g.w, g.ow, &first, &last);
+      if (last <= first) continue;
+      const float* x_start = x + ((n * g.h + ih) * g.w + first * g.sw + offset) * g.c;
+      MultiplyAddRows(y_row + first * g.c, x_start, k + (i * g.kw + j) * g.c, g.c, g.sw * g.c, last - first, g.c);
     }
-    ChannelSums(xs.data(), ks.data(), terms, g.c, y + ((n * g.oh + oh) * g.ow + ow) * g.c);
   }
 }
 
-// One input row of the input gradient: dx[n, ih, :, :] = sum over the taps that read it.
+// One input row of the input gradient: dx[n, ih, :, :] = sum over the taps that read it of dy times the tap.
 void InputGradientRow(const Geometry& g, const float* dy, const float* k, float* dx, int64_t row) {
   int64_t n = row / g.h, ih = row % g.h;
-  std::vector<const float*> ds(g.kh * g.kw), ks(g.kh * g.kw);
-  for (int64_t iw = 0; iw < g.w; ++iw) {
-    int64_t terms = 0;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      int64_t oh_scaled = ih + g.pt - i * g.dh;
-      if (oh_scaled < 0 || oh_scaled % g.sh || oh_scaled / g.sh >= g.oh) continue;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        int64_t ow_scaled = iw + g.pl - j * g.dw;
-        if (ow_scaled < 0 || ow_scaled % g.sw || ow_scaled / g.sw >= g.ow) continue;
-        ds[terms] = dy + ((n * g.oh + oh_scaled / g.sh) * g.ow + ow_scaled / g.sw) * g.c;
-        ks[terms++] = k + (i * g.kw + j) * g.c;
-      }
+  float* dx_row = dx + row * g.w * g.c;
+  std::fill(dx_row, dx_row + g.w * g.c, 0.0f);
+  for (int64_t i = 0; i < g.kh; ++i) {
+    int64_t oh_scaled = ih + g.pt - i * g.dh;
+    if (oh_scaled < 0 || oh_scaled % g.sh || oh_scaled / g.sh >= g.oh) continue;
+    const float* dy_row = dy + (n * g.oh + oh_scaled / g.sh) * g.ow * g.c;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      // Output column ow reads input column iw = ow * sw + offset: walk ow over its valid range.
+      int64_t offset = j * g.dw - g.pl, first, last;
+      ValidRange(offset, g.sw, g.w, g.ow, &first, &last);
+      if (last <= first) continue;
+      MultiplyAddRows(dx_row + (first * g.sw + offset) * g.c, dy_row + first * g.c, k + (i * g.kw + j) * g.c,
+                      g.sw * g.c, g.c, last - first, g.c);
     }
-    ChannelSums(ds.data(), ks.data(), terms, g.c, dx + ((n * g.h + ih) * g.w + iw) * g.c);
   }
 }
 
@@ -142,11 +138,9 @@ void KernelGradientRow(const Geometry& g, const float* x, const float* dy, float
     int64_t ih = oh * g.sh + i * g.dh - g.pt;
     if (ih < 0 || ih >= g.h) continue;
     for (int64_t j = 0; j < g.kw; ++j) {
-      // Output columns whose input column iw = ow * sw + j * dw - pl lies inside the image.
-      int64_t offset = j * g.dw - g.pl;
-      int64_t first = offset >= 0 ? 0 : (-offset + g.sw - 1) / g.sw;
-      int64_t last = std::min(g.ow, (g.w - 1 - offset) / g.sw + 1);  // exclusive
-      if (g.w - 1 - offset < 0 || last <= first) continue;
+      int64_t offset = j * g.dw - g.pl, first, last;
+      ValidRange(offset, g.sw, g.w, g.ow, &first, &last);
+      if (last <= first) continue;
       const float* x_start = x + ((n * g.h + ih) * g.w + first * g.sw + offset) * g.c;
       AccumulateProducts(x_start, dy_row + first * g.c, g.sw * g.c, g.c, last - first, g.c,
                          acc + (i * g.kw + j) * g.c);

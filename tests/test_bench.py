@@ -19,6 +19,17 @@ def test_forward_flops_match_published_macs():
     assert result.flops_per_image == pytest.approx(2 * published_macs, rel=0.10)
 
 
+def test_train_flops_count_the_cpu_kernels_as_the_multiply_adds_they_replace():
+    """XLA's cost analysis does not count custom calls: the C++ depthwise's step is counted as the shifted one."""
+    config = load("configs/quickstart.py:resolution=32")
+    config.model.num_classes = 10
+    flops = {}
+    for depthwise in ("shifted", "cpu_kernel"):
+        config.model.depthwise = depthwise
+        flops[depthwise] = bench.compile_step(config, "train", batch=8).flops
+    assert flops["cpu_kernel"] == flops["shifted"] > 0
+
+
 def test_bench_command_reports_throughput_and_memory(mnv2):
     status, out, err = mnv2(
         "bench",

@@ -1,10 +1,10 @@
 """Builds the C++ XLA:CPU kernels next to this file on first use, loads them and registers their FFI targets.
 
 The library is compiled for the host's CPU (`-march=native`: about 20% faster than portable multiversioned code
-here) once per source, compiler, jaxlib and CPU into a cache directory (`$MNV2_KERNEL_CACHE`, default
+here) once per source, flags, compiler, jaxlib and CPU into a cache directory (`$MNV2_KERNEL_CACHE`, default
 `~/.cache/mnv2_jax/kernels`) with `$CXX` (default `g++`) against the XLA FFI headers that ship with jaxlib, and
-reused by later processes. Without a working compiler `available()` is
-False (with one warning) and `auto` implementations keep to XLA ops.
+reused by later processes. Without a working compiler `available()` is False (with one warning) and the `auto`
+implementations keep to XLA ops.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ class KernelBuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
+    """Where built libraries are kept: `$MNV2_KERNEL_CACHE`, else `$XDG_CACHE_HOME/mnv2_jax/kernels`."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mnv2_jax" / "kernels"
     return Path(os.environ.get("MNV2_KERNEL_CACHE", default))
 
 
 def build(directory: Path, compiler: str) -> Path:
-    """Compiles SOURCE into `directory` (once per source, flags, compiler and jaxlib); returns the library."""
+    """Compiles SOURCE into `directory` (once per source, flags, compiler, jaxlib and CPU); returns the library."""
     inputs = (" ".join(COMPILE_FLAGS), compiler, jaxlib.__version__, _cpu_identity())
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), *(text.encode() for text in inputs)])).hexdigest()[:16]
     library = directory / f"{SOURCE.stem}-{key}.so"

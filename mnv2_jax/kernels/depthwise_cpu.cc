@@ -148,8 +148,10 @@ void KernelGradientRow(const Geometry& g, const float* x, const float* dy, float
   }
 }
 
-Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k, ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
-                      int64_t pl, int64_t dh, int64_t dw) {
+using Dims = ffi::Span<const int64_t>;
+
+// x: the (N, H, W, C) input, k: the (KH, KW, 1, C) kernel, y: the (N, OH, OW, C) output.
+Geometry MakeGeometry(Dims x, Dims k, Dims y, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t dh, int64_t dw) {
   return Geometry{x[0], x[1], x[2], x[3], k[0], k[1], y[1], y[2], sh, sw, pt, pl, dh, dw};
 }
 

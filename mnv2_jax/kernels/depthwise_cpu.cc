@@ -70,11 +70,12 @@ inline void ValidRange(int64_t offset, int64_t stride, int64_t size, int64_t out
   *last = size - 1 - offset < 0 ? 0 : std::min(outputs, (size - 1 - offset) / stride + 1);
 }
 
-// One output row of the forward pass: y[n, oh, :, :] = sum over taps of a shifted input row times the tap.
-void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int64_t row) {
+// Calls visit(tap, x_start, first, count) for each tap (i, j) of output row `row` = (n, oh) whose input row is in
+// the image: output columns [first, first + count) read the input row segment that starts at x_start, with a step
+// of sw columns (the other columns fall in the padding).
+template <typename Visit>
+void ForEachTapSegment(const Geometry& g, const float* x, int64_t row, const Visit& visit) {
   int64_t n = row / g.oh, oh = row % g.oh;
-  float* y_row = y + row * g.ow * g.c;
-  std::fill(y_row, y_row + g.ow * g.c, 0.0f);
   for (int64_t i = 0; i < g.kh; ++i) {
     int64_t ih = oh * g.sh + i * g.dh - g.pt;
     if (ih < 0 || ih >= g.h) continue;
@@ -82,10 +83,18 @@ void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int
       int64_t offset = j * g.dw - g.pl, first, last;
       ValidRange(offset, g.sw, g.w, g.ow, &first, &last);
       if (last <= first) continue;
-      const float* x_start = x + ((n * g.h + ih) * g.w + first * g.sw + offset) * g.c;
-      MultiplyAddRows(y_row + first * g.c, x_start, k + (i * g.kw + j) * g.c, g.c, g.sw * g.c, last - first, g.c);
+      visit(i * g.kw + j, x + ((n * g.h + ih) * g.w + first * g.sw + offset) * g.c, first, last - first);
     }
   }
+}
+
+// One output row of the forward pass: y[n, oh, :, :] = sum over taps of a shifted input row times the tap.
+void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int64_t row) {
+  float* y_row = y + row * g.ow * g.c;
+  std::fill(y_row, y_row + g.ow * g.c, 0.0f);
+  ForEachTapSegment(g, x, row, [&](int64_t tap, const float* x_start, int64_t first, int64_t count) {
+    MultiplyAddRows(y_row + first * g.c, x_start, k + tap * g.c, g.c, g.sw * g.c, count, g.c);
+  });
 }
 
 // One input row of the input gradient: dx[n, ih, :, :] = sum over the taps that read it of dy times the tap.
@@ -132,20 +141,10 @@ void AccumulateProducts(const float* x, const float* dy, int64_t x_step, int64_t
 
 // Adds one output row's contribution to the kernel gradient: acc[tap, c] += sum_ow x[.., c] * dy[n, oh, ow, c].
 void KernelGradientRow(const Geometry& g, const float* x, const float* dy, float* acc, int64_t row) {
-  int64_t n = row / g.oh, oh = row % g.oh;
-  const float* dy_row = dy + (n * g.oh + oh) * g.ow * g.c;
-  for (int64_t i = 0; i < g.kh; ++i) {
-    int64_t ih = oh * g.sh + i * g.dh - g.pt;
-    if (ih < 0 || ih >= g.h) continue;
-    for (int64_t j = 0; j < g.kw; ++j) {
-      int64_t offset = j * g.dw - g.pl, first, last;
-      ValidRange(offset, g.sw, g.w, g.ow, &first, &last);
-      if (last <= first) continue;
-      const float* x_start = x + ((n * g.h + ih) * g.w + first * g.sw + offset) * g.c;
-      AccumulateProducts(x_start, dy_row + first * g.c, g.sw * g.c, g.c, last - first, g.c,
-                         acc + (i * g.kw + j) * g.c);
-    }
-  }
+  const float* dy_row = dy + row * g.ow * g.c;
+  ForEachTapSegment(g, x, row, [&](int64_t tap, const float* x_start, int64_t first, int64_t count) {
+    AccumulateProducts(x_start, dy_row + first * g.c, g.sw * g.c, g.c, count, g.c, acc + tap * g.c);
+  });
 }
 
 using Dims = ffi::Span<const int64_t>;

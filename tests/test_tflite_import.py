@@ -6,11 +6,18 @@ import jax
 import numpy as np
 import pytest
 import tflite_reference
+from conftest import require
 
 from mnv2_jax import inference
 from mnv2_jax.data import preprocessing
 
-pytest.importorskip("ai_edge_litert", reason="the TFLite interpreter (pip install ai-edge-litert) is needed")
+pytestmark = pytest.mark.xdist_group("coral")  # the imported model is shared
+
+
+@pytest.fixture(autouse=True, scope="module")
+def tflite_interpreter():
+    require("ai_edge_litert")
+
 
 MODEL = "coral/mobilenet_v2_1.0_224_quant.tflite"
 PHOTOS = [
@@ -129,3 +136,30 @@ def test_import_rejects_other_files_and_used_workdirs(mnv2, shared_data, importe
     cfg = "configs/imagenet.py:num_classes=1001"
     status, _, err = mnv2("import", "--from", "tflite", model, "--config", cfg, "--workdir", imported)
     assert status == 2 and "already holds checkpoints" in err
+
+
+@pytest.mark.parametrize("logits_bias", ["zero", "random"])  # TF's converter drops an all-zero bias
+def test_a_float_tflite_model_imports_with_its_logits(mnv2, tmp_path, logits_bias):
+    """A float32 `.tflite` (exported by us from random weights with random BN statistics) read back by `mnv2 import
+    --from tflite`: the imported checkpoint gives the TFLite interpreter's logits and the original model's."""
+    from configs_loader import load
+    from export_helpers import jax_logits, random_inputs, random_variables, tflite_logits
+
+    from mnv2_jax.export import routes
+
+    spec = "configs/imagenet.py:width=0.35,resolution=96,num_classes=10"
+    config = load(spec)
+    variables = random_variables(config)
+    if logits_bias == "random":
+        variables["params"]["Logits"]["bias"] = np.random.default_rng(0).normal(0, 0.5, 10).astype(np.float32)
+    model_file = tmp_path / "model.tflite"
+    routes.export(config, variables, "tflite", str(model_file))
+    workdir = tmp_path / "imported"
+    status, _, err = mnv2("import", "--from", "tflite", model_file, "--config", spec, "--workdir", workdir)
+    assert status == 0, err
+    imported_config, _, imported = inference.load_classifier(str(workdir))
+    images = random_inputs(config)
+    logits = jax_logits(imported_config, imported, images)
+    np.testing.assert_allclose(logits, tflite_logits(model_file, images), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(logits, jax_logits(config, variables, images), rtol=1e-5, atol=1e-4)
+    assert logits.std() > 0.05

@@ -1,11 +1,10 @@
 """Import a MobileNetV2 TFLite classifier (float or quantized) into our Flax variables.
 
-TFLite models carry batch norm folded into each convolution's weights and
-bias. We dequantize every weight (`(q - zero_point) * scale`, per tensor or per
-channel), transpose the kernels to Flax's HWIO layout and load each conv with
-an identity batch norm (scale 1, bias = folded bias, mean 0, var = 1 - eps).
-Convolutions are matched to our layers in execution order, and each pairing is
-checked by kind and shape.
+TFLite models carry batch norm folded into each convolution's weights and bias; TF's converter may also fold the
+global average pool's 1/(H*W) into the dense logits weights, or drop an all-zero bias. We dequantize every weight
+(`(q - zero_point) * scale`, per tensor or per channel), transpose the kernels to Flax's HWIO layout and load each
+conv with an identity batch norm (scale 1, bias = folded bias, mean 0, var = 1 - eps). Convolutions are matched to
+our layers in execution order, and each pairing is checked by kind and shape.
 """
 
 from __future__ import annotations
@@ -71,15 +70,32 @@ def read_convolutions(path: str) -> list[TFLiteConv]:
         if op["op_name"] not in _CONV_OPS:
             continue
         weights, bias = op["inputs"][1], op["inputs"][2]
+        kernel = _dequantize(interpreter, details, weights, producers)
+        # the converter drops a bias that is all zeros
+        bias = np.zeros(kernel.shape[0], np.float32) if bias < 0 else _dequantize(interpreter, details, bias, producers)
+        if op["op_name"] == "FULLY_CONNECTED":
+            kernel = kernel * _summed_positions(interpreter, details, op["inputs"][0], producers)
         convs.append(
             TFLiteConv(
                 op["op_name"],
                 details[weights]["name"],
-                _dequantize(interpreter, details, weights, producers),
-                _dequantize(interpreter, details, bias, producers),
+                kernel,
+                bias,
             )
         )
     return convs
+
+
+def _summed_positions(interpreter, details: dict[int, dict], index: int, producers: dict[int, dict]) -> int:
+    """How many positions a SUM feeding a dense layer adds up (1 if none): TF's converter turns the global average
+    pool into a SUM and folds its 1/(H*W) into the dense weights, which our model's mean pool applies itself."""
+    while index in producers and producers[index]["op_name"] == "RESHAPE":
+        index = producers[index]["inputs"][0]
+    if index not in producers or producers[index]["op_name"] != "SUM":
+        return 1
+    summed, axes = producers[index]["inputs"][:2]
+    shape = details[summed]["shape"]
+    return int(np.prod([shape[axis] for axis in np.atleast_1d(interpreter.get_tensor(axes))]))
 
 
 def _to_flax_kernel(conv: TFLiteConv, kind: str) -> np.ndarray:

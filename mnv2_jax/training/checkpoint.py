@@ -12,6 +12,7 @@ left behind.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -30,6 +31,26 @@ CHECKPOINT_DIR = "checkpoints"
 CONFIG_ITEM = "config"
 DATA_ITEM = "data"  # the training input stream's position, e.g. {"examples_per_process": 4096}
 JSON_ITEMS = (CONFIG_ITEM, DATA_ITEM)
+
+
+def _write_replicated_arrays_whole() -> None:
+    """Replicated arrays are written whole, by their first replica.
+
+    Orbax's default on CPU and TPU ("replica-parallel") splits every replicated array into one slice per device,
+    each a separately dispatched op compiled on first use: for MobileNetV2 on 8 CPU devices that made the first
+    save 18 s and every later one 5 s (1.6 s and 1.3 s without), to spread writes of a few MB that take milliseconds.
+    """
+    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+    absl_logger = std_logging.getLogger("absl")  # orbax warns about every override; this one is intended
+    level = absl_logger.level
+    absl_logger.setLevel(std_logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
+_write_replicated_arrays_whole()
 
 
 class CheckpointError(UserError):

@@ -107,11 +107,6 @@ def state_items(state: steps.TrainState) -> dict[str, Any]:
     return items
 
 
-def _restore_state(workdir: str, abstract: steps.TrainState, step: int) -> steps.TrainState:
-    _, items = checkpoint.restore(workdir, state_items(abstract), step)
-    return abstract.replace(step=jax.numpy.asarray(step, jax.numpy.int32), **items)
-
-
 class WorkdirError(UserError):
     """The workdir cannot be created or written."""
 
@@ -247,6 +242,15 @@ def build_trainer(config: ml_collections.ConfigDict, plan: plan_lib.Plan, mesh: 
     return Trainer(model, tx, schedule, create_state, train_step, jit_eval_step(model, config.model.num_classes, mesh))
 
 
+def restore_train_state(workdir: str, trainer: Trainer, mesh: jax.sharding.Mesh, step: int) -> steps.TrainState:
+    """Checkpoint `step` of `workdir` as a train state replicated on `mesh`, whatever mesh wrote it."""
+    replicated = distributed.replicated(mesh)
+    abstract = jax.eval_shape(trainer.create_state, jax.random.key(0))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+    _, items = checkpoint.restore(workdir, state_items(abstract), step)
+    return abstract.replace(step=jax.numpy.asarray(step, jax.numpy.int32), **items)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
 ) -> dict[str, float]:
@@ -275,9 +279,7 @@ def train_and_evaluate(
     latest = mngr.latest_step()
     start_example = 0  # position of this process's training stream
     if latest is not None:
-        abstract = jax.eval_shape(trainer.create_state, init_rng)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-        state = _restore_state(workdir, abstract, latest)
+        state = restore_train_state(workdir, trainer, mesh, latest)
         start_example = _saved_data_position(workdir, latest, plan, process_count)
         logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), latest)
     else:

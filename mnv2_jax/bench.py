@@ -20,7 +20,7 @@ import numpy as np
 
 from mnv2_jax import host_memory, models
 from mnv2_jax.data import preprocessing
-from mnv2_jax.models import layers
+from mnv2_jax.models import complexity, layers
 from mnv2_jax.training import distributed, train
 from mnv2_jax.training import plan as plan_lib
 
@@ -118,11 +118,13 @@ def compile_step(config: ml_collections.ConfigDict, mode: str = "train", batch: 
     if mode == "infer" and trainer.model.inference_chunk != 0:
         # XLA's cost analysis counts a loop's body once: count the same network run on the whole batch.
         flops = _cost_flops(jit_predict(trainer.model.clone(inference_chunk=0)).lower(*args).compile())
-    if mode == "train" and layers.resolve_depthwise(config.model.depthwise) is layers.depthwise_cpu_kernel:
-        # nor does it count custom calls: count the same step with the depthwise as XLA's multiply-adds
-        counting = ml_collections.ConfigDict(config.to_dict())
-        counting.model.depthwise = "shifted"
-        flops = _cost_flops(train.build_trainer(counting, plan, mesh).train_step.lower(*args).compile())
+    on_kernels = layers.resolve_depthwise(config.model.depthwise) is layers.depthwise_cpu_kernel
+    if mode == "train" and on_kernels and flops is not None and trainer.model.conventions.dtype == np.float32:
+        # nor does it count custom calls: add the C++ kernels' own multiply-adds, one per tap and output element in
+        # each of the forward (twice with remat), input-gradient and kernel-gradient passes (2 FLOPs each)
+        depthwise_macs = complexity.summarize(trainer.model, config.resolution)["macs_by_kind"]["depthwise"]
+        passes = 4 if trainer.model.remat else 3
+        flops += passes * 2 * depthwise_macs * batch / mesh.size
     carry = {"state": state}
 
     def time_steps(steps: int, warmup: int = 2) -> float:

@@ -25,3 +25,18 @@ def synthetic_imagefolder(root: pathlib.Path, sizes: dict[str, int], num_classes
             image = np.clip(level + rng.integers(-10, 10, (size, size, 3)), 0, 255).astype(np.uint8)
             write_png(root / split / f"class_{label}" / f"{i:05d}.png", image)
     return f"imagefolder:{root}"
+
+
+def fashion_mnist_imagefolder(source_dir: pathlib.Path, root: pathlib.Path, sizes: dict[str, int]) -> str:
+    """`root/<split>/<label>/<i>.png` from the first real Fashion-MNIST test images (IDX files in `source_dir`),
+    consecutive splits taking consecutive images."""
+    from mnv2_jax.data import local_datasets
+
+    images = local_datasets.read_idx(str(source_dir / "t10k-images-idx3-ubyte.gz"))
+    labels = local_datasets.read_idx(str(source_dir / "t10k-labels-idx1-ubyte.gz"))
+    start = 0
+    for split, count in sizes.items():
+        for i in range(start, start + count):
+            write_png(root / split / str(labels[i]) / f"{i:05d}.png", images[i])
+        start += count
+    return f"imagefolder:{root}"

@@ -9,35 +9,36 @@ import numpy as np
 import pytest
 
 from mnv2_jax.config import base_config
-from mnv2_jax.models import MobileNetV2, build_model, layer_specs, predict
+from mnv2_jax.models import Conventions, MobileNetV2, build_model, layer_specs, predict
 from mnv2_jax.models.mobilenet_v2 import resolve_inference_chunk
 from mnv2_jax.training import distributed
 
-# slim README (research/slim/nets/mobilenet/README.md): depth multiplier, resolution, MACs (millions, floored),
-# parameters (millions, two decimals), and the exact parameter counts listed in shared/reference/mobilenet_v2.md §6.
+# slim README (research/slim/nets/mobilenet/README.md): depth multiplier, resolution, MACs (millions, floored), the
+# exact MACs in millions to two decimals, parameters (millions, two decimals) and the exact parameter counts, as
+# listed in shared/reference/mobilenet_v2.md §6.
 PUBLISHED = [
-    (1.4, 224, 582, 6.06, 6_062_633),
-    (1.3, 224, 509, 5.34, 5_344_201),
-    (1.0, 224, 300, 3.47, 3_472_041),
-    (1.0, 192, 221, 3.47, 3_472_041),
-    (1.0, 160, 154, 3.47, 3_472_041),
-    (1.0, 128, 99, 3.47, 3_472_041),
-    (1.0, 96, 56, 3.47, 3_472_041),
-    (0.75, 224, 209, 2.61, 2_611_065),
-    (0.75, 192, 153, 2.61, 2_611_065),
-    (0.75, 160, 107, 2.61, 2_611_065),
-    (0.75, 128, 69, 2.61, 2_611_065),
-    (0.75, 96, 39, 2.61, 2_611_065),
-    (0.5, 224, 97, 1.95, 1_951_417),
-    (0.5, 192, 71, 1.95, 1_951_417),
-    (0.5, 160, 50, 1.95, 1_951_417),
-    (0.5, 128, 32, 1.95, 1_951_417),
-    (0.5, 96, 18, 1.95, 1_951_417),
-    (0.35, 224, 59, 1.66, 1_664_329),
-    (0.35, 192, 43, 1.66, 1_664_329),
-    (0.35, 160, 30, 1.66, 1_664_329),
-    (0.35, 128, 20, 1.66, 1_664_329),
-    (0.35, 96, 11, 1.66, 1_664_329),
+    (1.4, 224, 582, 582.20, 6.06, 6_062_633),
+    (1.3, 224, 509, 509.38, 5.34, 5_344_201),
+    (1.0, 224, 300, 300.78, 3.47, 3_472_041),
+    (1.0, 192, 221, 221.32, 3.47, 3_472_041),
+    (1.0, 160, 154, 154.08, 3.47, 3_472_041),
+    (1.0, 128, 99, 99.08, 3.47, 3_472_041),
+    (1.0, 96, 56, 56.29, 3.47, 3_472_041),
+    (0.75, 224, 209, 209.07, 2.61, 2_611_065),
+    (0.75, 192, 153, 153.94, 2.61, 2_611_065),
+    (0.75, 160, 107, 107.30, 2.61, 2_611_065),
+    (0.75, 128, 69, 69.13, 2.61, 2_611_065),
+    (0.75, 96, 39, 39.45, 2.61, 2_611_065),
+    (0.5, 224, 97, 97.13, 1.95, 1_951_417),
+    (0.5, 192, 71, 71.70, 1.95, 1_951_417),
+    (0.5, 160, 50, 50.19, 1.95, 1_951_417),
+    (0.5, 128, 32, 32.58, 1.95, 1_951_417),
+    (0.5, 96, 18, 18.89, 1.95, 1_951_417),
+    (0.35, 224, 59, 59.29, 1.66, 1_664_329),
+    (0.35, 192, 43, 43.90, 1.66, 1_664_329),
+    (0.35, 160, 30, 30.88, 1.66, 1_664_329),
+    (0.35, 128, 20, 20.22, 1.66, 1_664_329),
+    (0.35, 96, 11, 11.94, 1.66, 1_664_329),
 ]
 
 # Block output widths per multiplier (stem, the 7 stage outputs, last conv), slim rounding (reference §4).
@@ -52,14 +53,40 @@ WIDTHS = {
 STAGE_OF_LAYER = [0, 1, 2, 2, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 6, 6, 6, 7, 8]  # layer_1..layer_19 -> WIDTHS column
 
 
-@pytest.mark.parametrize("width, resolution, macs_m, params_m, params_exact", PUBLISHED)
-def test_summary_matches_published_checkpoints(mnv2, width, resolution, macs_m, params_m, params_exact):
+# Paper Table 2: (expansion t, repeats n, first stride s) of the seven bottleneck stages.
+STAGES = [(1, 1, 1), (6, 2, 2), (6, 3, 2), (6, 4, 2), (6, 3, 1), (6, 3, 2), (6, 1, 1)]
+
+
+def table1_macs(width: float, resolution: int, num_classes: int = 1001) -> dict[str, int]:
+    """Multiply-adds by kind, by the paper's Table 1: a bottleneck of input h x w x k, expansion t, output k' and
+    stride s costs h*w*k*tk (expand; none when t = 1) + (h/s)*(w/s)*tk*9 (depthwise 3x3) + (h/s)*(w/s)*tk*k'
+    (project); plus the 3x3 stride-2 stem, the last 1x1 conv and the logits. SAME padding: sizes round up."""
+    stem, *block_widths, last = WIDTHS[width]
+    size = math.ceil(resolution / 2)
+    macs = {"conv": size * size * 3 * 9 * stem, "depthwise": 0, "dense": last * num_classes}
+    k = stem
+    for (t, n, s), k_out in zip(STAGES, block_widths, strict=True):
+        for i in range(n):
+            out = math.ceil(size / (s if i == 0 else 1))
+            macs["conv"] += (size * size * k * t * k if t > 1 else 0) + out * out * t * k * k_out
+            macs["depthwise"] += out * out * t * k * 9
+            size, k = out, k_out
+    macs["conv"] += size * size * k * last
+    return macs
+
+
+@pytest.mark.parametrize("width, resolution, macs_m, macs_exact_m, params_m, params_exact", PUBLISHED)
+def test_summary_matches_published_checkpoints(mnv2, width, resolution, macs_m, macs_exact_m, params_m, params_exact):
     arg = f"width={width},resolution={resolution},num_classes=1001"
     status, out, err = mnv2("summary", "--config", f"configs/imagenet.py:{arg}", "--json")
     assert status == 0, err
     summary = json.loads(out)
-    assert summary["macs_millions"] == macs_m
-    assert summary["macs"] // 1_000_000 == macs_m
+    assert summary["macs_by_kind"] == table1_macs(width, resolution)
+    assert summary["macs"] == sum(table1_macs(width, resolution).values())
+    assert round(summary["macs"] / 1e6, 2) == macs_exact_m
+    assert summary["macs_millions"] == summary["macs"] // 1_000_000 == macs_m
+    if (width, resolution) == (1.0, 224):
+        assert summary["macs"] == 300_775_552  # the README's figure
     assert summary["params_excluding_bn"] == params_exact
     assert round(summary["params_excluding_bn"] / 1e6, 2) == params_m
 
@@ -251,9 +278,13 @@ def test_remat_gives_identical_gradients_and_keeps_fewer_activations(residual, k
     from jax.ad_checkpoint import print_saved_residuals
 
     def loss_and_grads(remat: bool):
-        model = MobileNetV2(width=0.35, num_classes=5, dropout_rate=0.0, residual=residual, remat=remat)
-        images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-        variables = model.init(jax.random.key(0), images)
+        # float64: the compiled programs with and without remat group float operations differently
+        conventions = Conventions(dtype=jnp.float64, depthwise="grouped", pointwise="conv", regular_conv="conv")
+        model = MobileNetV2(
+            width=0.35, num_classes=5, dropout_rate=0.0, residual=residual, remat=remat, conventions=conventions
+        )
+        images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3), jnp.float64)
+        variables = jax.jit(model.init)(jax.random.key(0), images)
 
         def loss(params):
             (logits, endpoints), _ = model.apply(
@@ -265,15 +296,17 @@ def test_remat_gives_identical_gradients_and_keeps_fewer_activations(residual, k
         listing = io.StringIO()
         with contextlib.redirect_stdout(listing):
             print_saved_residuals(loss, variables["params"])
-        shapes = re.findall(r"f32\[2,([\d,]+)\]", listing.getvalue())  # activations: leading batch dim 2
+        shapes = re.findall(r"f64\[2,([\d,]+)\]", listing.getvalue())  # activations: leading batch dim 2
         saved_activation_elements = sum(2 * math.prod(int(d) for d in shape.split(",")) for shape in shapes)
-        return jax.grad(loss)(variables["params"]), saved_activation_elements
+        return jax.jit(jax.grad(loss))(variables["params"]), saved_activation_elements
 
-    plain, plain_saved = loss_and_grads(False)
-    remat, remat_saved = loss_and_grads(True)
+    with jax.enable_x64():
+        plain, plain_saved = loss_and_grads(False)
+        remat, remat_saved = loss_and_grads(True)
     assert jax.tree.structure(plain) == jax.tree.structure(remat)
+    scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(plain))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14 * scale)  # zero in exact arithmetic: rounding noise
     assert remat_saved < plain_saved * kept_at_most  # block inputs (and stem/head tensors), not expanded tensors
 
 

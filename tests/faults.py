@@ -6,7 +6,9 @@ POINT is one of
   step:N        right after the train step that makes step N is dispatched, while it computes
   eval          during the first evaluation, after its first batch
   checkpoint:N  inside the asynchronous write of checkpoint N: every array written, not yet committed
-  none          no fault (the test may kill the process from outside)
+  trace         no fault: prints `faults: step N dispatched` to stderr as each train step is dispatched, so that
+                a test can kill the process from outside while it trains
+  none          no fault
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def kill_during_step(step: int) -> None:
+def after_each_dispatch(action) -> None:
+    """Calls `action(step)` right after each train step is dispatched (while it computes)."""
     import jax
 
     from mnv2_jax.training import train
@@ -36,13 +39,20 @@ def kill_during_step(step: int) -> None:
         def train_step(state, batch):
             this_step = int(jax.device_get(state.step)) + 1
             result = trainer.train_step(state, batch)
-            if this_step >= step:
-                die()
+            action(this_step)
             return result
 
         return dataclasses.replace(trainer, train_step=train_step)
 
     train.build_trainer = build
+
+
+def kill_during_step(step: int) -> None:
+    after_each_dispatch(lambda this_step: die() if this_step >= step else None)
+
+
+def trace_steps() -> None:
+    after_each_dispatch(lambda this_step: print(f"faults: step {this_step} dispatched", file=sys.stderr, flush=True))
 
 
 def kill_during_eval() -> None:
@@ -86,6 +96,8 @@ def main() -> int:
         kill_during_eval()
     elif kind == "checkpoint":
         kill_during_checkpoint_write(int(value))
+    elif kind == "trace":
+        trace_steps()
     elif kind != "none":
         raise SystemExit(f"unknown fault point {point!r}")
     from mnv2_jax.cli.main import main as mnv2

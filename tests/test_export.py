@@ -22,6 +22,10 @@ from mnv2_jax.export import routes
 TOLERANCE = 1e-4
 CASES = [(w, r) for w in (0.35, 1.0, 1.4) for r in (96, 128)]
 CASE_IDS = [f"w{w}-r{r}" for w, r in CASES]
+# The routes through TensorFlow's converters (20-40 s an export on the CI machine): every width, at one resolution
+# each, both resolutions among them.
+TF_CASES = [(0.35, 96), (1.0, 128), (1.4, 96)]
+TF_CASE_IDS = [f"w{w}-r{r}" for w, r in TF_CASES]
 NUM_CLASSES = 10
 SUFFIX = {
     "tflite": "model.tflite",
@@ -60,10 +64,19 @@ def assert_close(actual, expected):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("width", "resolution"), CASES, ids=CASE_IDS)
-def test_tflite_matches(tmp_path, width, resolution):
+@pytest.mark.parametrize(("width", "resolution"), TF_CASES, ids=TF_CASE_IDS)
+def test_tflite_matches_and_is_phone_friendly(tmp_path, width, resolution):
+    from mnv2_jax.export.tensorflow import op_counts
+
     out, images, logits, _ = export(tmp_path, "tf", width, resolution, "tflite")
     assert_close(tflite_logits(out, images), logits)
+    ops = op_counts(out)
+    assert ops["DEPTHWISE_CONV_2D"] == 17  # one per inverted-residual block
+    assert ops["CONV_2D"] == 35  # stem, 16 expansions, 17 projections, last conv
+    assert ops["ADD"] == 10  # the residual connections only: BN is folded into the convolutions
+    assert ops["FULLY_CONNECTED"] == 1
+    # No unfolded BN (MUL/SUB/RSQRT), no separate ReLU6 (fused), no padding or broadcast ops.
+    assert set(ops) <= {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "SUM", "MEAN", "FULLY_CONNECTED", "RESHAPE"}, ops
 
 
 @pytest.mark.parametrize(("width", "resolution"), CASES, ids=CASE_IDS)
@@ -78,7 +91,7 @@ def test_onnx_matches_with_dynamic_batch(tmp_path, width, resolution):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("width", "resolution"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("width", "resolution"), TF_CASES, ids=TF_CASE_IDS)
 def test_savedmodel_matches_with_polymorphic_batch(tmp_path, width, resolution):
     import tensorflow as tf
 
@@ -142,19 +155,6 @@ def test_keras_whole_model_file(tmp_path):
     out = tmp_path / "model.keras"
     routes.export(config, variables, "keras", str(out))
     assert_close(np.asarray(keras.models.load_model(out)(images, training=False)), logits)
-
-
-def test_tflite_graph_is_phone_friendly(tmp_path):
-    from mnv2_jax.export.tensorflow import op_counts
-
-    out, *_ = export(tmp_path, "tf", 1.0, 96, "tflite")
-    ops = op_counts(out)
-    assert ops["DEPTHWISE_CONV_2D"] == 17  # one per inverted-residual block
-    assert ops["CONV_2D"] == 35  # stem, 16 expansions, 17 projections, last conv
-    assert ops["ADD"] == 10  # the residual connections only: BN is folded into the convolutions
-    assert ops["FULLY_CONNECTED"] == 1
-    # No unfolded BN (MUL/SUB/RSQRT), no separate ReLU6 (fused), no padding or broadcast ops.
-    assert set(ops) <= {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "SUM", "MEAN", "FULLY_CONNECTED", "RESHAPE"}, ops
 
 
 def test_metadata_describes_the_export(tmp_path):

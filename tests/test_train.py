@@ -8,9 +8,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, WITHOUT_COMPILATION_CACHE, one_device_environment, require
 from datasets import synthetic_imagefolder
-from train_helpers import assert_bitwise_equal, saved_state
+from train_helpers import assert_bitwise_equal, path_names, saved_state
 
 from mnv2_jax import inference
 from mnv2_jax.config import base_config
@@ -27,45 +27,57 @@ def assert_same_state(a: dict, b: dict, rtol=1e-6, atol=1e-7):
         np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=name)
 
 
-def run_one_step(tmp_path, which, group_size, processes=1):
-    """tests/one_step.py in float64 on 8 forced CPU devices per process (several processes via launch/local.py)."""
-    out = tmp_path / f"{which}-{group_size}-{processes}.npz"
-    script = [sys.executable, str(REPO / "tests" / "one_step.py"), which, str(group_size).lower(), str(out)]
+def run_one_step(tmp_path, meshes, groups, processes=1) -> dict[str, dict[str, np.ndarray]]:
+    """tests/one_step.py in float64 on 8 forced CPU devices in all (several processes via launch/local.py); the
+    results by `<mesh>-<group>`."""
+    out = tmp_path / f"{meshes}-{groups}-{processes}.npz"
+    script = [sys.executable, str(REPO / "tests" / "one_step.py"), meshes, groups, str(out)]
     env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // processes}"
     if processes > 1:
         launcher = [sys.executable, str(REPO / "launch" / "local.py"), f"--processes={processes}", "--timeout_s=240"]
         script = [*launcher, "--", *script]
+        env.update(WITHOUT_COMPILATION_CACHE)
     result = subprocess.run(script, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return dict(np.load(out))
+    runs: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in np.load(out).items():
+        run, name = key.split(":", 1)
+        runs.setdefault(run, {})[name] = value
+    return runs
 
 
 @pytest.fixture(scope="module")
-def one_device_steps(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("one_device")
-    return {group: run_one_step(tmp, "one", group) for group in BN_MODES}
+def one_process_steps(tmp_path_factory):
+    """One step on 1 and on 8 devices, with global and with per-group BN statistics, in one process."""
+    return run_one_step(tmp_path_factory.mktemp("one_step"), "one,all", "none,8")
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("one_step")
 @pytest.mark.parametrize("group_size", BN_MODES)
-def test_one_step_on_8_devices_equals_1_device(group_size, one_device_steps, tmp_path):
-    eight = run_one_step(tmp_path, "all", group_size)
-    one = one_device_steps[group_size]
+def test_one_step_on_8_devices_equals_1_device(group_size, one_process_steps):
+    eight, one = (one_process_steps[f"{mesh}-{str(group_size).lower()}"] for mesh in ("all", "one"))
     assert_same_state(eight, one, rtol=1e-9, atol=1e-12)
     # The step really trained, and global vs ghost statistics really differ (so the comparison can fail).
     assert not np.allclose(one["['batch_stats']['Conv']['BatchNorm']['mean']"], 0)
     name = "['params']['Conv']['kernel']"
-    assert not np.allclose(one_device_steps[None][name], one_device_steps[8][name], rtol=1e-6)
+    assert not np.allclose(one_process_steps["one-none"][name], one_process_steps["one-8"][name], rtol=1e-6)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group_size", BN_MODES)
-def test_two_processes_with_four_devices_each_equal_one_device(group_size, one_device_steps, tmp_path):
-    two_processes = run_one_step(tmp_path, "all", group_size, processes=2)
-    assert_same_state(two_processes, one_device_steps[group_size], rtol=1e-9, atol=1e-12)
+@pytest.mark.xdist_group("one_step")
+def test_two_processes_with_four_devices_each_equal_one_device(one_process_steps, tmp_path):
+    """Global BN statistics, whose reductions cross the processes (per-group statistics are checked on 8 devices,
+    the same partitioned program)."""
+    two_processes = run_one_step(tmp_path, "all", "none", processes=2)["all-none"]
+    assert_same_state(two_processes, one_process_steps["one-none"], rtol=1e-9, atol=1e-12)
 
 
 def small_run_config_args(dataset, **overrides):
+    """`mnv2 train` arguments of the small runs the training and crash tests share (one compiled train step, kept in
+    the session's compilation cache): 6 steps of 8 images at 16x16, with dropout, so that the step-derived dropout
+    key matters."""
     args = {
         "dataset": dataset,
         "train_split": "train",
@@ -78,6 +90,7 @@ def small_run_config_args(dataset, **overrides):
         "checkpoint_every_steps": 2,
         "model.width": 0.35,
         "model.bn_momentum": 0.9,
+        "model.dropout_rate": 0.2,
         "optimizer.schedule": "constant",
         "optimizer.ema_decay": 0.9,
         "eval_every_epochs": 100.0,
@@ -101,6 +114,8 @@ def trained(folder, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("small_run")
 def test_train_writes_checkpoints_metrics_and_tensorboard(trained):
     records = metrics.read_metrics(str(trained))
     train_records = [r for r in records if "train/loss" in r]
@@ -115,6 +130,8 @@ def test_train_writes_checkpoints_metrics_and_tensorboard(trained):
     assert saved["model"]["num_classes"] == 3  # taken from the dataset
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("small_run")
 def test_eval_command_matches_training_eval_and_works_on_one_device(mnv2, trained):
     records = metrics.read_metrics(str(trained))
     during_training = next(r for r in records if "eval/top1" in r)
@@ -128,6 +145,8 @@ def test_eval_command_matches_training_eval_and_works_on_one_device(mnv2, traine
     assert one_device["eval/loss"] == pytest.approx(during_training["eval/loss"], rel=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("small_run")
 def test_resume_continues_at_the_same_step_and_data_position(mnv2, folder, trained, tmp_path):
     workdir = tmp_path / "resumed"
     status, _, err = mnv2("train", "--workdir", workdir, *small_run_config_args(folder, num_train_steps=3))
@@ -141,18 +160,33 @@ def test_resume_continues_at_the_same_step_and_data_position(mnv2, folder, train
     assert_bitwise_equal(resumed, uninterrupted)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("small_run")
 def test_restore_onto_a_different_device_count_and_continue(folder, trained, tmp_path):
+    """The 8-device run's checkpoint restored onto 1 device holds exactly the saved values; training continues."""
     import shutil
 
-    workdir = tmp_path / "continued"
-    shutil.copytree(trained, workdir)
     from mnv2_jax.cli import common
 
     config = _load(small_run_config_args(folder, num_train_steps=8))
+    config.model.num_classes = 3
+    one_device = distributed.make_mesh(jax.devices()[:1])
+    trainer = train.build_trainer(config, plan.make_plan(config, 40, 13, 1, 1), one_device)
+    state = train.restore_train_state(str(trained), trainer, one_device, 6)
+    items = train.state_items(state)
+    assert all(leaf.sharding.device_set == {jax.devices()[0]} for leaf in jax.tree.leaves(items))
+    restored = {name: leaf for item, tree in items.items() for name, leaf in path_names(item, tree).items()}
+    step, saved = saved_state(trained)
+    assert step == 6 and int(state.step) == 6
+    assert_bitwise_equal(restored, saved)
+
+    workdir = tmp_path / "continued"
+    shutil.copytree(trained, workdir)
     common.setup_logging()
     results = train.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
     assert results["eval/count"] == 13
-    assert checkpoint.latest_step(str(workdir)) == 8
+    step, continued = saved_state(workdir)
+    assert step == 8 and not np.array_equal(continued["params/Conv/kernel"], saved["params/Conv/kernel"])
 
 
 def _load(args):
@@ -162,20 +196,21 @@ def _load(args):
 
 
 @pytest.mark.slow
-def test_quickstart_recipe_learns_another_real_dataset(mnv2, tmp_path):
-    """The quickstart config, only the dataset changed, on real handwritten digits (UCI, via scikit-learn)."""
-    sklearn_datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn ships the digits dataset")
+def test_quickstart_recipe_learns_another_real_dataset(tmp_path):
+    """The quickstart config, only the dataset changed, on real handwritten digits (UCI, via scikit-learn), run as a
+    user on a CPU runs it: the `mnv2` command in a process with one device (the C++ depthwise kernels)."""
+    require("sklearn")
+    import sklearn.datasets as sklearn_datasets
+
     dataset = digits_imagefolder(sklearn_datasets, tmp_path / "digits")
     workdir = tmp_path / "run"
-    status, _, err = mnv2(
-        "train",
-        "--config",
-        "configs/quickstart.py:epochs=30",  # 1,437 training images: 30 epochs is 2% of the Fashion-MNIST run
-        "--workdir",
-        workdir,
-        f"--config.dataset={dataset}",
+    command = [sys.executable, "-m", "mnv2_jax.cli.main", "train", "--workdir", str(workdir)]
+    # 1,437 training images: 15 epochs (169 steps) is 1% of the Fashion-MNIST run; 86.7% top-1 on 2026-12-01
+    command += ["--config", "configs/quickstart.py:epochs=15", f"--config.dataset={dataset}"]
+    finished = subprocess.run(
+        command, cwd=REPO, env=one_device_environment(), capture_output=True, text=True, timeout=600
     )
-    assert status == 0, err
+    assert finished.returncode == 0, finished.stderr[-3000:]
     final = [r for r in metrics.read_metrics(str(workdir)) if "eval/top1" in r][-1]
     assert final["eval/count"] == 360
     assert final["eval/top1"] > 0.8  # 10 classes: chance is 0.1
@@ -193,6 +228,8 @@ def digits_imagefolder(sklearn_datasets, root):
     return f"imagefolder:{root}"
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("small_run")
 @pytest.mark.parametrize("devices", [1, 3, 8])
 def test_eval_counts_every_example_once_on_any_device_count(folder, trained, devices):
     """13 eval examples, a global eval batch of 24: one padded batch, split over 1, 3 or 8 devices."""

@@ -61,17 +61,24 @@ def assert_bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> 
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def path_names(item: str, tree) -> dict[str, np.ndarray]:
+    """`tree`'s arrays by `item/path/to/leaf`, the same for a restored state and for its checkpoint files (where
+    the optimizer's named tuples became dicts)."""
+    return {
+        f"{item}/{jax.tree_util.keystr(path, simple=True, separator='/')}": np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
 def saved_state(workdir) -> tuple[int, dict[str, np.ndarray]]:
-    """The latest checkpoint's step and every array of its training state, by name."""
+    """The latest checkpoint's step and every array of its training state, by `item/path/to/leaf`."""
     import orbax.checkpoint as ocp
 
     step = checkpoint.latest_step(str(workdir))
     arrays = {}
-    for item in train.STATE_ITEMS:
+    for item in sorted(set(train.STATE_ITEMS) & checkpoint.item_names(str(workdir), step)):
         tree = ocp.StandardCheckpointer().restore(
             os.path.join(checkpoint.checkpoint_dir(str(workdir)), str(step), item)
         )
-        arrays.update(
-            {item + jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-        )
+        arrays.update(path_names(item, tree))
     return step, arrays

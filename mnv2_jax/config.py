@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from mnv2_jax.errors import UserError
+from mnv2_jax.models.deeplab import SEGMENTATION_OUTPUT_STRIDES
 from mnv2_jax.models.layers import (
     DEPTHWISE_IMPLEMENTATIONS,
     PADDING_MODES,
@@ -29,6 +30,8 @@ CONVENTIONS: dict[str, dict[str, Any]] = {
     "torch": dict(padding="symmetric", bn_momentum=0.9, bn_epsilon=1e-5, preprocessing="imagenet"),
 }
 PREPROCESSING_MODES = ("inception", "imagenet")
+TASKS = ("classification", "segmentation")
+SEGMENTATION_FEATURE_ENDPOINTS = ("layer_18", "layer_19")
 DTYPES = ("float32", "bfloat16", "float64")  # float64 (with JAX_ENABLE_X64=1) is for exactness tests
 
 
@@ -41,6 +44,7 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     if convention not in CONVENTIONS:
         raise ConfigError(f"convention must be one of {tuple(CONVENTIONS)}, got {convention!r}")
     config = ml_collections.ConfigDict()
+    config.task = "classification"  # what the model learns: one of TASKS; each has its own section below
     config.resolution = 224
     config.seed = 0
 
@@ -67,6 +71,16 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     model.init_stddev = 0.09
     model.dtype = "float32"
     model.update(CONVENTIONS[convention])
+
+    # task=segmentation: Mobile DeepLabv3 (mnv2_jax.models.deeplab) on the backbone above.
+    seg = config.segmentation = ml_collections.ConfigDict()
+    seg.feature_endpoint = "layer_18"  # the paper's V2*: the 320-channel map before the last 1x1 conv
+    seg.aspp = False  # False: the released head (image pooling + 1x1); True: the paper's ASPP variant
+    seg.atrous_rates = config_dict.placeholder(tuple)  # ASPP's three rates; None: 6/12/18 at output stride 16, x2 at 8
+    seg.head_features = 256
+    seg.head_dropout_rate = 0.1
+    seg.head_bn_momentum = 0.9997  # DeepLab's head batch norm (the backbone keeps model.bn_*)
+    seg.head_bn_epsilon = 1e-5
 
     # Data: any TFDS image-classification dataset by name, or `imagefolder:<root>`.
     config.dataset = "imagenet2012"
@@ -209,8 +223,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"map would reach 1x1 before the last stride-2 layers, which then stride over padding (Keras also "
             f"requires >= 32 at output stride 32); use resolution >= {model.output_stride} or a smaller output stride"
         )
+    _check_choice("task", config.task, TASKS)
+    if config.task == "segmentation":
+        validate_segmentation(config)
     if "optimizer" in config:
         validate_training(config)
+
+
+def require_task(config: ml_collections.ConfigDict, tasks: tuple[str, ...], what: str) -> None:
+    """Raises a one-line error when `what` (a command, a workdir's use) does not serve `config.task` yet."""
+    if config.task not in tasks:
+        raise ConfigError(f"{what} does not serve task={config.task!r} yet; it serves task in {tasks}")
+
+
+def validate_segmentation(config: ml_collections.ConfigDict) -> None:
+    """Checks `config.segmentation` and what segmentation needs of `config.model`."""
+    seg = config.segmentation
+    _check_choice("model.output_stride (segmentation)", config.model.output_stride, SEGMENTATION_OUTPUT_STRIDES)
+    if not isinstance(config.model.num_classes, int) or config.model.num_classes < 1:
+        raise ConfigError(f"model.num_classes must be an int >= 1 for segmentation, got {config.model.num_classes!r}")
+    _check_choice("segmentation.feature_endpoint", seg.feature_endpoint, SEGMENTATION_FEATURE_ENDPOINTS)
+    _check_choice("segmentation.aspp", seg.aspp, (False, True))
+    if seg.atrous_rates is not None and not (
+        len(seg.atrous_rates) == 3 and all(isinstance(r, int) and r >= 1 for r in seg.atrous_rates)
+    ):
+        raise ConfigError(f"segmentation.atrous_rates must be three ints >= 1 or None (auto), got {seg.atrous_rates!r}")
+    _check_positive("segmentation.head_features", seg.head_features)
+    _check_range("segmentation.head_dropout_rate", seg.head_dropout_rate, 0.0, 1.0)
+    _check_range("segmentation.head_bn_momentum", seg.head_bn_momentum, 0.0, 1.0)
+    _check_positive("segmentation.head_bn_epsilon", seg.head_bn_epsilon, float)
 
 
 OPTIMIZERS = ("rmsprop", "sgd", "adamw")

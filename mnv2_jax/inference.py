@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mnv2_jax import config as config_lib
 from mnv2_jax.data import preprocessing
 from mnv2_jax.models import MobileNetV2, build_model, predict
 from mnv2_jax.training import checkpoint
@@ -26,6 +27,7 @@ def load_classifier(
 ) -> tuple[ml_collections.ConfigDict, MobileNetV2, dict[str, Any]]:
     """The config, model and `{'params', 'batch_stats'}` of a checkpoint (the latest by default)."""
     step, config = checkpoint.restore_config(workdir, step)
+    config_lib.require_task(config, ("classification",), f"loading a classifier from {workdir}")
     model = build_model(config.model)
     abstract = abstract_variables(model, config.resolution)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

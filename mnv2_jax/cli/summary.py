@@ -7,7 +7,7 @@ import json
 from absl import flags
 
 from mnv2_jax.cli import common
-from mnv2_jax.models import build_model
+from mnv2_jax.models import build
 from mnv2_jax.models.complexity import summarize
 
 
@@ -28,6 +28,8 @@ def format_table(summary: dict, per_layer: bool) -> str:
         f"multiply-adds        {summary['macs']:,} ({summary['macs_millions']} M)",
         f"  by kind            {by_kind}",
     ]
+    for part, counts in summary.get("parts", {}).items():
+        lines.append(f"  {part:<18} {counts['params']:,} parameters, {counts['macs']:,} multiply-adds")
     return "\n".join(lines)
 
 
@@ -41,7 +43,7 @@ def main(argv: list[str]) -> None:
         flags.DEFINE_alias(alias, "per_layer", flag_values=fv)
     common.parse(fv, argv)
     config = common.load_config(config_flag)
-    summary = summarize(build_model(config.model), config.resolution)
+    summary = summarize(build(config), config.resolution)
     if not fv.per_layer:
         summary.pop("layers")
     print(json.dumps(summary, indent=2) if fv.json else format_table(summary, fv.per_layer))

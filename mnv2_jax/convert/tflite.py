@@ -1,10 +1,11 @@
-"""Import a MobileNetV2 TFLite classifier (float or quantized) into our Flax variables.
+"""Import a MobileNetV2 TFLite classifier or Mobile DeepLabv3 segmenter (float or quantized) into Flax variables.
 
 TFLite models carry batch norm folded into each convolution's weights and bias; TF's converter may also fold the
 global average pool's 1/(H*W) into the dense logits weights, or drop an all-zero bias. We dequantize every weight
 (`(q - zero_point) * scale`, per tensor or per channel), transpose the kernels to Flax's HWIO layout and load each
-conv with an identity batch norm (scale 1, bias = folded bias, mean 0, var = 1 - eps). Convolutions are matched to
-our layers in execution order, and each pairing is checked by kind and shape.
+conv with an identity batch norm (scale 1, bias = folded bias, mean 0, var = 1 - that layer's eps). Convolutions are
+matched to our layers by their TF weight names, or in execution order where the names are not TF's, and each
+pairing is checked by kind and shape.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mnv2_jax.convert import ConversionError
 from mnv2_jax.convert.layout import zeros_like
-from mnv2_jax.models.complexity import layer_rows, subtree
+from mnv2_jax.models.complexity import LayerRow, layer_rows, subtree
+from mnv2_jax.models.layers import ConvBN
 
 TFLITE_MAGIC = b"TFL3"
 _CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
@@ -108,19 +112,56 @@ def _to_flax_kernel(conv: TFLiteConv, kind: str) -> np.ndarray:
     return conv.kernel.transpose(1, 2, 3, 0)  # OHWI -> HWIO
 
 
-def variables_from_tflite(path: str, model: nn.Module, resolution: int, bn_epsilon: float) -> dict[str, Any]:
+def _layer_name(tflite_name: str) -> str:
+    """Our layer path in a TF-named TFLite weight: `MobilenetV2/expanded_conv_3/expand/Conv2D_Fold;...` ->
+    `expanded_conv_3/expand/Conv2D_Fold`."""
+    name = tflite_name.split(";")[0]
+    return name.removeprefix("MobilenetV2/")
+
+
+def _pair(convs: list[TFLiteConv], rows: list[LayerRow]) -> list[tuple[LayerRow, TFLiteConv]]:
+    """Each of our layers with its TFLite op: by the weights' TF names where they name every layer once (TF's
+    converter may order ops differently from our execution order, e.g. DeepLab's `aspp0` before `image_pooling`,
+    both 320 -> 256), else in execution order (the names of our own exports are not TF's)."""
+    by_name = {}
+    for conv in convs:
+        matches = [row for row in rows if _layer_name(conv.name).startswith(row.name + "/")]
+        if len(matches) != 1 or matches[0].name in by_name:
+            return list(zip(rows, convs, strict=True))
+        by_name[matches[0].name] = conv
+    return [(row, by_name[row.name]) for row in rows]
+
+
+def _bn_epsilons(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:
+    """The batch-norm epsilon of each conv layer (a segmentation head's differs from its backbone's)."""
+    epsilons = {}
+
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, ConvBN):
+            epsilons["/".join(context.module.path)] = context.module.conventions.bn_epsilon
+        return next_fun(*args, **kwargs)
+
+    images = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.init, jax.random.key(0), images)
+    return epsilons
+
+
+def variables_from_tflite(path: str, model: nn.Module, resolution: int) -> dict[str, Any]:
     """Flax `{'params', 'batch_stats'}` for `model` holding the TFLite model's weights."""
     convs = read_convolutions(path)
-    rows, abstract = layer_rows(model, (1, resolution, resolution, 3))
+    input_shape = (1, resolution, resolution, 3)
+    rows, abstract = layer_rows(model, input_shape)
     if len(convs) != len(rows):
         raise ConversionError(
             f"{path} has {len(convs)} convolution/dense ops but the configured model has {len(rows)} layers; "
             "check model.width, model.expansion and model.num_classes"
         )
+    epsilons = _bn_epsilons(model, input_shape)
     params = zeros_like(abstract["params"])
     batch_stats = zeros_like(abstract["batch_stats"])
     expected_op = {"conv": ("CONV_2D",), "depthwise": ("DEPTHWISE_CONV_2D",), "dense": ("CONV_2D", "FULLY_CONNECTED")}
-    for row, conv in zip(rows, convs, strict=True):
+    for row, conv in _pair(convs, rows):
         if conv.op not in expected_op[row.kind]:
             raise ConversionError(f"layer {row.name} ({row.kind}) meets TFLite op {conv.op} ({conv.name})")
         path_keys = row.name.split("/")
@@ -132,12 +173,12 @@ def variables_from_tflite(path: str, model: nn.Module, resolution: int, bn_epsil
                 f"(as Flax layout), the model expects {layer['kernel'].shape}"
             )
         layer["kernel"] = kernel
-        if row.kind == "dense":
+        if "BatchNorm" not in layer:  # dense logits, or a segmentation head's 1x1 logits conv with its bias
             layer["bias"] = conv.bias
             continue
         bn, stats = layer["BatchNorm"], subtree(batch_stats, path_keys)["BatchNorm"]
         bn["scale"] = np.ones_like(conv.bias)
         bn["bias"] = conv.bias
         stats["mean"] = np.zeros_like(conv.bias)
-        stats["var"] = np.full_like(conv.bias, 1.0 - bn_epsilon)
+        stats["var"] = np.full_like(conv.bias, 1.0 - epsilons[row.name])
     return {"params": params, "batch_stats": batch_stats}

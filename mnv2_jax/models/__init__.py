@@ -1,44 +1,78 @@
-"""Flax (Linen) models: the MobileNetV2 backbone/classifier and its building blocks."""
+"""Flax (Linen) models: the MobileNetV2 backbone/classifier, Mobile DeepLabv3, and their building blocks."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax.numpy as jnp
 import ml_collections
 
+from mnv2_jax.models.deeplab import DeepLabHead, MobileDeepLabV3, aspp_rates
 from mnv2_jax.models.layers import Conventions, make_divisible
 from mnv2_jax.models.mobilenet_v2 import LayerSpec, MobileNetV2, layer_specs, predict
 
-__all__ = ["Conventions", "LayerSpec", "MobileNetV2", "build_model", "layer_specs", "make_divisible", "predict"]
+__all__ = [
+    "Conventions",
+    "DeepLabHead",
+    "LayerSpec",
+    "MobileDeepLabV3",
+    "MobileNetV2",
+    "build",
+    "build_model",
+    "build_segmenter",
+    "layer_specs",
+    "make_divisible",
+    "predict",
+]
 
 
-def build_model(model_config: ml_collections.ConfigDict, **overrides) -> MobileNetV2:
-    """The model described by `config.model`; keyword overrides replace fields (e.g. `depthwise="grouped"`)."""
+def _fields_of(cls, cfg: ml_collections.ConfigDict) -> dict:
+    """The dataclass fields of `cls` that `cfg` sets (config and module use the same names; `model.name` names
+    the architecture, not a Flax scope)."""
+    names = {field.name for field in dataclasses.fields(cls)} - {"name", "parent"}
+    return {name: cfg[name] for name in names if name in cfg}
+
+
+def _model_config(model_config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(model_config.to_dict())
     with cfg.ignore_type():
         cfg.update(overrides)
-    conventions = Conventions(
-        padding=cfg.padding,
-        bn_momentum=cfg.bn_momentum,
-        bn_epsilon=cfg.bn_epsilon,
-        bn_group_size=cfg.bn_group_size,
-        depthwise=cfg.depthwise,
-        pointwise=cfg.pointwise,
-        regular_conv=cfg.regular_conv,
-        init_stddev=cfg.init_stddev,
-        dtype=jnp.dtype(cfg.dtype),
-    )
+    return cfg
+
+
+def _backbone(cfg: ml_collections.ConfigDict, **fields) -> MobileNetV2:
+    conventions = Conventions(**{**_fields_of(Conventions, cfg), "dtype": jnp.dtype(cfg.dtype)})
     expansion = tuple(cfg.stage_expansion) if cfg.stage_expansion is not None else cfg.expansion
-    return MobileNetV2(
-        width=cfg.width,
-        expansion=expansion,
+    kwargs = {**_fields_of(MobileNetV2, cfg), "expansion": expansion, "conventions": conventions, **fields}
+    return MobileNetV2(**kwargs)
+
+
+def build_model(model_config: ml_collections.ConfigDict, **overrides) -> MobileNetV2:
+    """The classifier described by `config.model`; keyword overrides replace fields (e.g. `depthwise="grouped"`)."""
+    return _backbone(_model_config(model_config, overrides))
+
+
+def build_segmenter(
+    model_config: ml_collections.ConfigDict, segmentation: ml_collections.ConfigDict, **overrides
+) -> MobileDeepLabV3:
+    """Mobile DeepLabv3 described by `config.model` (backbone, classes) and `config.segmentation` (head)."""
+    cfg = _model_config(model_config, overrides)
+    backbone = _backbone(cfg, num_classes=0, final_endpoint=segmentation.feature_endpoint)
+    rates = () if not segmentation.aspp else tuple(segmentation.atrous_rates or aspp_rates(cfg.output_stride))
+    head = DeepLabHead(
         num_classes=cfg.num_classes,
-        output_stride=cfg.output_stride,
-        dropout_rate=cfg.dropout_rate,
-        residual=cfg.residual,
-        nonlinear_bottleneck=cfg.nonlinear_bottleneck,
-        remat=cfg.remat,
-        inference_chunk=cfg.inference_chunk,
-        divisible_by=cfg.divisible_by,
-        min_depth=cfg.min_depth,
-        conventions=conventions,
+        conventions=backbone.conventions,
+        features=segmentation.head_features,
+        atrous_rates=rates,
+        dropout_rate=segmentation.head_dropout_rate,
+        bn_momentum=segmentation.head_bn_momentum,
+        bn_epsilon=segmentation.head_bn_epsilon,
     )
+    return MobileDeepLabV3(backbone, head)
+
+
+def build(config: ml_collections.ConfigDict, **overrides) -> MobileNetV2 | MobileDeepLabV3:
+    """The model of `config.task`: the classifier, or the segmenter."""
+    if config.task == "segmentation":
+        return build_segmenter(config.model, config.segmentation, **overrides)
+    return build_model(config.model, **overrides)

@@ -1,8 +1,8 @@
 """Parameter and multiply-add counts of a model, per layer and in total.
 
 Counting follows the authors' table: multiply-adds of regular convolutions,
-depthwise convolutions and the final dense layer (no BN, residual adds or
-pooling); parameters with and without batch norm.
+depthwise convolutions and the final dense layer (no BN, biases, residual adds,
+pooling or resizing); parameters with and without batch norm.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def layer_rows(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Lay
 
     def record(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and isinstance(context.module, (ConvBN, nn.Dense)):
+        if context.method_name == "__call__" and isinstance(context.module, (ConvBN, nn.Conv, nn.Dense)):
             calls.append((context.module, out.shape))
         return out
 
@@ -61,7 +61,7 @@ def layer_rows(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Lay
         if isinstance(module, nn.Dense):
             kind, macs = "dense", math.prod(kernel)
         else:
-            kind = "depthwise" if module.depthwise else "conv"
+            kind = "depthwise" if getattr(module, "depthwise", False) else "conv"
             macs = math.prod(out_shape[1:-1]) * math.prod(kernel)
         rows.append(LayerRow("/".join(module.path), kind, tuple(out_shape[1:]), _count(params), macs))
     return rows, variables
@@ -79,7 +79,7 @@ def summarize(model: nn.Module, resolution: int, in_channels: int = 3) -> dict[s
     total = _count(params)
     macs_by_kind = {kind: sum(r.macs for r in rows if r.kind == kind) for kind in ("conv", "depthwise", "dense")}
     macs = sum(macs_by_kind.values())
-    return {
+    summary = {
         "resolution": resolution,
         "params": total,
         "params_excluding_bn": total - bn_params,
@@ -90,3 +90,12 @@ def summarize(model: nn.Module, resolution: int, in_channels: int = 3) -> dict[s
         "macs_by_kind": macs_by_kind,
         "layers": [dataclasses.asdict(r) for r in rows],
     }
+    if hasattr(model, "part_of"):  # e.g. a segmenter: its backbone and its head
+        parts: dict[str, dict[str, int]] = {}
+        for scope, tree in params.items():
+            part = parts.setdefault(model.part_of(scope), {"params": 0, "macs": 0})
+            part["params"] += _count(tree)
+        for row in rows:
+            parts[model.part_of(row.name.split("/")[0])]["macs"] += row.macs
+        summary["parts"] = parts
+    return summary

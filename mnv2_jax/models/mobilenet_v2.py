@@ -213,11 +213,18 @@ class MobileNetV2(nn.Module):
     conventions: Conventions = Conventions()
     remat: bool = False  # rematerialise each inverted-residual block (its expanded tensors) for the gradient
     inference_chunk: int | None = None  # images per device run together by `predict` (0: all; None: auto)
+    final_endpoint: str = "layer_19"  # a backbone (`num_classes=0`) may stop earlier, as slim's `final_endpoint`
 
     def specs(self, in_features: int = 3) -> list[LayerSpec]:
-        return layer_specs(
+        specs = layer_specs(
             self.width, self.expansion, self.output_stride, self.divisible_by, self.min_depth, in_features
         )
+        endpoints = [spec.endpoint for spec in specs]
+        if self.final_endpoint not in endpoints:
+            raise ValueError(f"final_endpoint must be one of layer_1 ... {endpoints[-1]}, got {self.final_endpoint!r}")
+        if self.num_classes and self.final_endpoint != endpoints[-1]:
+            raise ValueError(f"a classifier ends at {endpoints[-1]}; final_endpoint needs num_classes=0")
+        return specs[: endpoints.index(self.final_endpoint) + 1]
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -377,6 +377,7 @@ def evaluate_checkpoint(
 ) -> tuple[int, dict[str, float]]:
     """Evaluates a checkpoint of `workdir` (the latest by default) on its config's full eval split."""
     step, config = checkpoint.restore_config(workdir, step)
+    config_lib.require_task(config, ("classification",), f"evaluating {workdir}")
     mesh = distributed.make_mesh(devices)
     builder = open_dataset(config)
     pipeline.check_split(builder, config.eval_split, "eval_split")

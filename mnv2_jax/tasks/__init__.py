@@ -1,0 +1,1 @@
+"""What differs between the tasks (classification, segmentation): their models' heads, losses and metrics."""

@@ -277,17 +277,17 @@ def test_remat_gives_identical_gradients_and_keeps_fewer_activations(residual, k
 
     from jax.ad_checkpoint import print_saved_residuals
 
-    def loss_and_grads(remat: bool):
-        # float64: the compiled programs with and without remat group float operations differently
-        conventions = Conventions(dtype=jnp.float64, depthwise="grouped", pointwise="conv", regular_conv="conv")
-        model = MobileNetV2(
+    # float64: the compiled programs with and without remat group float operations differently
+    conventions = Conventions(dtype=jnp.float64, depthwise="grouped", pointwise="conv", regular_conv="conv")
+
+    def model(remat: bool) -> MobileNetV2:
+        return MobileNetV2(
             width=0.35, num_classes=5, dropout_rate=0.0, residual=residual, remat=remat, conventions=conventions
         )
-        images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3), jnp.float64)
-        variables = jax.jit(model.init)(jax.random.key(0), images)
 
+    def loss_and_grads(remat: bool, images, variables):
         def loss(params):
-            (logits, endpoints), _ = model.apply(
+            (logits, endpoints), _ = model(remat).apply(
                 {"params": params, "batch_stats": variables["batch_stats"]}, images, train=True, mutable=["batch_stats"]
             )
             # An endpoint inside a block feeds the loss too (as a segmentation or detection head would).
@@ -301,8 +301,10 @@ def test_remat_gives_identical_gradients_and_keeps_fewer_activations(residual, k
         return jax.jit(jax.grad(loss))(variables["params"]), saved_activation_elements
 
     with jax.enable_x64():
-        plain, plain_saved = loss_and_grads(False)
-        remat, remat_saved = loss_and_grads(True)
+        images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3), jnp.float64)
+        variables = model(False).init(jax.random.key(0), images)  # the same variables serve both
+        plain, plain_saved = loss_and_grads(False, images, variables)
+        remat, remat_saved = loss_and_grads(True, images, variables)
     assert jax.tree.structure(plain) == jax.tree.structure(remat)
     scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(plain))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat), strict=True):

@@ -15,6 +15,7 @@ import io
 import os
 import pathlib
 import shutil
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -155,6 +156,19 @@ def shared_data() -> pathlib.Path:
 def fashion_mnist_files() -> pathlib.Path:
     require("fashion_mnist")
     return fashion_mnist_dir()
+
+
+def mnv2_command(*args: str) -> list[str]:
+    """`mnv2 ARGS...` as a command line for a subprocess (run with `cwd=REPO`)."""
+    return [sys.executable, "-m", "mnv2_jax.cli.main", *map(str, args)]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A small synthetic image folder (40 train, 13 test images, 3 classes) for the training tests."""
+    from datasets import synthetic_imagefolder
+
+    return synthetic_imagefolder(tmp_path_factory.mktemp("folder"), {"train": 40, "test": 13})
 
 
 @pytest.fixture

@@ -3,11 +3,10 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 from configs_loader import load
-from conftest import REPO, one_device_environment, require
+from conftest import REPO, mnv2_command, one_device_environment, require
 
 from mnv2_jax import bench, host_memory
 
@@ -70,7 +69,7 @@ def bench_in_a_new_process(**env: str) -> dict:
     env = {**inherited, **env}
     args = ["--config", "configs/imagenet.py:num_classes=10", "--config.resolution=96", "--config.model.width=0.5"]
     args += ["--batch=16", "--warmup=4", "--steps=4", "--json"]
-    command = [sys.executable, "-m", "mnv2_jax.cli.main", "bench", *args]
+    command = mnv2_command("bench", *args)
     finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]
     return json.loads(finished.stdout)
@@ -160,7 +159,7 @@ def test_named_allocators_join_the_users_settings_or_say_why_they_cannot(host):
 
 def test_the_command_rejects_an_unknown_allocator_before_doing_anything():
     env = {**os.environ, "MNV2_HOST_ALLOCATOR": "mimalloc"}
-    command = [sys.executable, "-m", "mnv2_jax.cli.main", "bench", "--config", "configs/quickstart.py"]
+    command = mnv2_command("bench", "--config", "configs/quickstart.py")
     finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 2
     assert "MNV2_HOST_ALLOCATOR must be one of ('auto', 'jemalloc', 'huge_pages', 'system'), got 'mimalloc'" in (

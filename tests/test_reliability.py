@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 from configs_loader import load
-from conftest import REPO, WITHOUT_COMPILATION_CACHE
+from conftest import REPO, WITHOUT_COMPILATION_CACHE, mnv2_command
 from datasets import synthetic_imagefolder
 from test_data import folder_with_corrupt_images
 from test_train import small_run_config_args
@@ -117,19 +117,14 @@ def crash_run_args(folder, **overrides) -> list[str]:
 
 
 def train_command(workdir, args) -> list[str]:
-    return [sys.executable, "-m", "mnv2_jax.cli.main", "train", "--workdir", str(workdir), *args]
+    return mnv2_command("train", "--workdir", workdir, *args)
 
 
 @pytest.fixture(scope="module")
-def crash_folder(tmp_path_factory):
-    return synthetic_imagefolder(tmp_path_factory.mktemp("crash_folder"), {"train": 40, "test": 13})
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(crash_folder, tmp_path_factory):
+def uninterrupted(folder, tmp_path_factory):
     """The crash tests' run, uninterrupted: the state every interrupted and resumed run must end with."""
     workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    command = train_command(workdir, crash_run_args(crash_folder))
+    command = train_command(workdir, crash_run_args(folder))
     finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -139,9 +134,9 @@ def uninterrupted(crash_folder, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("small_run")  # the compiled train step of test_train's `trained`
-def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes_identically(crash_folder, uninterrupted, tmp_path):
+def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes_identically(folder, uninterrupted, tmp_path):
     workdir = tmp_path / "preempted"
-    command = train_command(workdir, crash_run_args(crash_folder, checkpoint_every_steps=100))
+    command = train_command(workdir, crash_run_args(folder, checkpoint_every_steps=100))
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_logged_step(workdir, 2, [child])
     child.send_signal(signal.SIGTERM)
@@ -181,11 +176,11 @@ def _run_until_killed(args, point, stderr_path, kill_at=None):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("small_run")  # the compiled train step of test_train's `trained`
-def test_sigkill_anywhere_then_the_same_command_ends_bitwise_equal(crash_folder, uninterrupted, tmp_path):
+def test_sigkill_anywhere_then_the_same_command_ends_bitwise_equal(folder, uninterrupted, tmp_path):
     """SIGKILL during a step, during evaluation, inside an async checkpoint write and at a random moment while it
     trains; rerunning the same command each time ends with the uninterrupted run's exact state."""
     workdir = tmp_path / "killed"
-    args = ["train", "--workdir", str(workdir), *crash_run_args(crash_folder)]
+    args = ["train", "--workdir", str(workdir), *crash_run_args(folder)]
     checkpoints = workdir / "checkpoints"
 
     status, err = _run_until_killed(args, "step:3", tmp_path / "step.log")
@@ -276,7 +271,7 @@ def test_a_dead_process_makes_the_others_fail_clearly_instead_of_hanging(tmp_pat
             **WITHOUT_COMPILATION_CACHE,
         }
         logs.append(tmp_path / f"process{process}.log")
-        command = [sys.executable, "-m", "mnv2_jax.cli.main", "train", "--workdir", str(workdir), *args]
+        command = train_command(workdir, args)
         with open(logs[-1], "w") as log:
             children.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     try:

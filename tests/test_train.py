@@ -8,8 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, WITHOUT_COMPILATION_CACHE, one_device_environment, require
-from datasets import synthetic_imagefolder
+from conftest import REPO, WITHOUT_COMPILATION_CACHE, mnv2_command, one_device_environment, require
 from train_helpers import assert_bitwise_equal, path_names, saved_state
 
 from mnv2_jax import inference
@@ -97,11 +96,6 @@ def small_run_config_args(dataset, **overrides):
     }
     args.update(overrides)
     return ["--config", "configs/quickstart.py"] + [f"--config.{k}={v}" for k, v in args.items()]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return synthetic_imagefolder(tmp_path_factory.mktemp("folder"), {"train": 40, "test": 13})
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +198,7 @@ def test_quickstart_recipe_learns_another_real_dataset(tmp_path):
 
     dataset = digits_imagefolder(sklearn_datasets, tmp_path / "digits")
     workdir = tmp_path / "run"
-    command = [sys.executable, "-m", "mnv2_jax.cli.main", "train", "--workdir", str(workdir)]
+    command = mnv2_command("train", "--workdir", workdir)
     # 1,437 training images: 15 epochs (169 steps) is 1% of the Fashion-MNIST run; 86.7% top-1 on 2026-12-01
     command += ["--config", "configs/quickstart.py:epochs=15", f"--config.dataset={dataset}"]
     finished = subprocess.run(

@@ -116,14 +116,6 @@ class MobileDeepLabV3(nn.Module):
         """`backbone` or `head`, for a top-level parameter scope."""
         return "head" if scope in HEAD_SCOPES else "backbone"
 
-    @property
-    def inference_chunk(self) -> int | None:
-        return self.backbone.inference_chunk
-
-    @property
-    def conventions(self) -> Conventions:
-        return self.backbone.conventions
-
     def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         features, endpoints = self.backbone(images, train)
         logits = self.head(features, train)

@@ -22,7 +22,7 @@ from mnv2_jax.models.layers import (
     POINTWISE_IMPLEMENTATIONS,
     REGULAR_CONV_IMPLEMENTATIONS,
 )
-from mnv2_jax.models.mobilenet_v2 import BLOCK_STAGES, OUTPUT_STRIDES, RESIDUAL_MODES
+from mnv2_jax.models.mobilenet_v2 import BLOCK_STAGES, OUTPUT_STRIDES, RESIDUAL_MODES, stage_repeats
 
 # Framework conventions: padding, BN decay/epsilon and input normalisation of each reference.
 CONVENTIONS: dict[str, dict[str, Any]] = {
@@ -53,6 +53,7 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     model.width = 1.0
     model.expansion = 6.0  # stages 2-7; the first stage always uses t=1
     model.stage_expansion = config_dict.placeholder(tuple)  # 7 values, one per stage; overrides `expansion`
+    model.stage_repeats = config_dict.placeholder(tuple)  # blocks per stage (7 values); None: (1, 2, 3, 4, 3, 3, 1)
     model.num_classes = config_dict.FieldReference(1000, field_type=int)  # None: from the dataset's labels
     model.output_stride = 32
     model.dropout_rate = 0.2
@@ -190,6 +191,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for t in expansions:
         if not isinstance(t, (int, float)) or t < 1:
             raise ConfigError(f"model.expansion must be >= 1, got {t!r}")
+    try:
+        stage_repeats(model.stage_repeats)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if model.num_classes is not None and (not isinstance(model.num_classes, int) or model.num_classes < 0):
         raise ConfigError(
             f"model.num_classes must be an int >= 0 (0 = no head) or None (from the dataset), got {model.num_classes!r}"

@@ -12,7 +12,8 @@ Writes to OUT_DIR:
   gradients by up to 10%);
 - `bench.json`: `mnv2 bench`'s FLOPs of the kernels' train step (batch 8) and XLA's own count of that program, and
   the train step's temporary memory at 224x224, batch 128, with and without `model.remat`;
-- `train_<impl>/` for impl in auto, shifted: the workdir of a few `mnv2 train` steps on DATASET (an image folder).
+- `train_<impl>/` for impl in auto, shifted: the workdir of a few `mnv2 train` steps on DATASET (an image folder),
+  with the trainer tests' shallow network.
 """
 
 import json
@@ -36,7 +37,7 @@ TRAIN_IMPLEMENTATIONS = ("auto", "shifted")
 
 
 def tiny_float32_config():
-    config = train_helpers.tiny_config()
+    config = train_helpers.tiny_config(stage_repeats=None)
     config.model.dtype = "float32"  # the kernels' dtype
     config.model.dropout_rate = 0.0
     return config
@@ -98,6 +99,7 @@ def main() -> None:
     args = ["--config", "configs/quickstart.py", f"--config.dataset={dataset}", "--config.batch_size=16"]
     args += ["--config.eval_batch_size=16", "--config.num_train_steps=3", "--config.log_every_steps=1"]
     args += ["--config.optimizer.warmup_epochs=0", "--config.data.cache=False"]
+    args += [f"--config.model.stage_repeats={train_helpers.SHALLOW_STAGES}"]  # the whole model's step is above
     for impl in TRAIN_IMPLEMENTATIONS:
         workdir = out / f"train_{impl}"
         status = mnv2(["mnv2", "train", "--workdir", str(workdir), *args, f"--config.model.depthwise={impl}"])

@@ -23,7 +23,7 @@ def main() -> None:
     meshes, groups, out = sys.argv[1].split(","), sys.argv[2].split(","), sys.argv[3]
     distributed.maybe_initialize(timeout_s=60)
     assert jax.config.jax_enable_x64, "run with JAX_ENABLE_X64=1"
-    results = {}
+    results, initial = {}, None
     for which in meshes:
         mesh = distributed.make_mesh(jax.devices() if which == "all" else jax.devices()[:1])
         for group in groups:
@@ -32,7 +32,9 @@ def main() -> None:
             per_process = len(images) // distributed.mesh_process_count(mesh)
             lo = distributed.mesh_process_index(mesh) * per_process
             local = {"image": images[lo : lo + per_process], "label": labels[lo : lo + per_process]}
-            state = train_helpers.one_step(config, mesh, local)
+            if initial is None:  # the same for every mesh and BN grouping: compiled once
+                initial = train_helpers.initial_state(config, mesh)
+            state = train_helpers.one_step(config, mesh, local, initial)
             results.update({f"{which}-{group}:{k}": v for k, v in train_helpers.flat(state).items()})
     if jax.process_index() == 0:
         np.savez(out, **results)

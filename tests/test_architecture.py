@@ -172,6 +172,29 @@ def test_atrous_rewriting(output_stride, strides, dilations):
     assert sum(s.residual for s in specs) == 10  # the same 10 residual blocks at every output stride
 
 
+def test_stage_repeats_set_the_blocks_per_stage():
+    shallow = layer_specs(repeats=(1, 1, 2, 1, 1, 1, 1))
+    assert [(s.scope, s.in_features, s.out_features, s.stride) for s in shallow] == [
+        ("Conv", 3, 32, 2),
+        ("expanded_conv", 32, 16, 1),
+        ("expanded_conv_1", 16, 24, 2),
+        ("expanded_conv_2", 24, 32, 2),
+        ("expanded_conv_3", 32, 32, 1),  # the second block of the stage repeated twice: residual
+        ("expanded_conv_4", 32, 64, 2),
+        ("expanded_conv_5", 64, 96, 1),
+        ("expanded_conv_6", 96, 160, 2),
+        ("expanded_conv_7", 160, 320, 1),
+        ("Conv_1", 320, 1280, 1),
+    ]
+    assert [s.residual for s in shallow].count(True) == 1
+    assert layer_specs(repeats=(1, 2, 3, 4, 3, 3, 1)) == layer_specs()
+    config = base_config()
+    config.model.stage_repeats = (1, 1, 2, 1, 1, 1, 1)
+    params = jax.eval_shape(build_model(config.model).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    blocks = ["expanded_conv"] + [f"expanded_conv_{i}" for i in range(1, 8)]
+    assert sorted(params) == sorted(["Conv", "Conv_1", "Logits", *blocks])
+
+
 def test_first_block_and_unit_expansions_have_no_expand_conv():
     variables = jax.eval_shape(MobileNetV2().init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     assert "expand" not in variables["params"]["expanded_conv"]

@@ -7,6 +7,7 @@ import subprocess
 import pytest
 from configs_loader import load
 from conftest import REPO, mnv2_command, one_device_environment, require
+from train_helpers import SHALLOW_STAGES
 
 from mnv2_jax import bench, host_memory
 
@@ -23,7 +24,8 @@ def test_bench_command_reports_throughput_memory_and_the_input_pipeline(mnv2, tm
 
     dataset = synthetic_imagefolder(tmp_path / "folder", {"train": 24, "test": 4})
     args = ["--config", "configs/quickstart.py", f"--config.dataset={dataset}", "--config.model.num_classes=3"]
-    args += ["--config.resolution=16", "--batch=8", "--steps=2", "--pipeline_steps=3", "--peak_tflops=1.0"]
+    args += ["--config.resolution=16", f"--config.model.stage_repeats={SHALLOW_STAGES}"]
+    args += ["--batch=8", "--steps=2", "--pipeline_steps=3", "--peak_tflops=1.0"]
     status, out, err = mnv2("bench", *args, "--json")
     assert status == 0, err
     result = json.loads(out)
@@ -68,7 +70,7 @@ def bench_in_a_new_process(**env: str) -> dict:
     inherited = {name: value for name, value in one_device_environment().items() if name not in allocator_variables}
     env = {**inherited, **env}
     args = ["--config", "configs/imagenet.py:num_classes=10", "--config.resolution=96", "--config.model.width=0.5"]
-    args += ["--batch=16", "--warmup=4", "--steps=4", "--json"]
+    args += [f"--config.model.stage_repeats={SHALLOW_STAGES}", "--batch=16", "--warmup=4", "--steps=4", "--json"]
     command = mnv2_command("bench", *args)
     finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-2000:]

@@ -45,6 +45,7 @@ def test_torch_convention_preset():
         (["--config.model.regular_conv=fft"], "model.regular_conv must be one of ('auto', 'conv', 'patches')"),
         (["--config.model.inference_chunk=-2"], "model.inference_chunk must be an int >= 0 (0 = the whole batch)"),
         (["--config.model.stage_expansion=(6, 6)"], "model.stage_expansion needs 7 values"),
+        (["--config.model.stage_repeats=(1, 1, 0, 1, 1, 1, 1)"], "model.stage_repeats needs 7 ints >= 1"),
         (["--config.model.num_classes=-3"], "model.num_classes must be an int >= 0"),
         (["--config.on_nonfinite=ignore"], "on_nonfinite must be one of ('stop', 'skip'), got 'ignore'"),
         (["--config.resolution=0"], "resolution must be a positive int, got 0"),

@@ -221,6 +221,7 @@ def test_imported_weights_fine_tune_with_init_from(mnv2, tmp_path):
     assert status == 0, err
     folder = synthetic_imagefolder(tmp_path / "folder", {"train": 16, "test": 4})
     overrides = {"init_from": imported, "num_train_steps": 1, "model.padding": "symmetric", "model.bn_epsilon": 1e-5}
+    overrides["model.stage_repeats"] = None  # torchvision's depth
     status, _, err = mnv2("train", "--workdir", str(tmp_path / "run"), *small_run_config_args(folder, **overrides))
     assert status == 0, err
     assert "initialised params and batch statistics from" in err

@@ -64,9 +64,10 @@ def test_a_whole_models_train_step_on_the_kernels_equals_the_xla_forms(one_devic
 
 
 def test_mnv2_train_on_the_kernels_equals_the_shifted_form_on_real_data(one_device_run):
-    """Three steps of `mnv2 train` (the quickstart recipe) on real Fashion-MNIST images, then evaluation. The runs
-    start at init, where ReLU6 kink flips (see tests/one_device.py) make single gradients differ, and AdamW
-    turns the sign of near-zero gradients into whole steps: the parameters are compared as a whole."""
+    """Three steps of `mnv2 train` (the quickstart recipe, on the trainer tests' shallow network) on real
+    Fashion-MNIST images, then evaluation. The runs start at init, where ReLU6 kink flips (see tests/one_device.py)
+    make single gradients differ, and AdamW turns the sign of near-zero gradients into whole steps: the parameters
+    are compared as a whole."""
     runs = {impl: one_device_run / f"train_{impl}" for impl in ("auto", "shifted")}
     logged = {impl: metrics.read_metrics(str(workdir)) for impl, workdir in runs.items()}
     losses = {impl: [r["train/loss"] for r in records if "train/loss" in r] for impl, records in logged.items()}

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO, WITHOUT_COMPILATION_CACHE, mnv2_command, one_device_environment, require
-from train_helpers import assert_bitwise_equal, path_names, saved_state
+from train_helpers import SHALLOW_STAGES, assert_bitwise_equal, path_names, saved_state
 
 from mnv2_jax import inference
 from mnv2_jax.config import base_config
@@ -75,8 +75,8 @@ def test_two_processes_with_four_devices_each_equal_one_device(one_process_steps
 
 def small_run_config_args(dataset, **overrides):
     """`mnv2 train` arguments of the small runs the training and crash tests share (one compiled train step, kept in
-    the session's compilation cache): 6 steps of 8 images at 16x16, with dropout, so that the step-derived dropout
-    key matters."""
+    the session's compilation cache): 6 steps of 8 images at 16x16 on a shallow network, with dropout, so that the
+    step-derived dropout key matters."""
     args = {
         "dataset": dataset,
         "train_split": "train",
@@ -88,6 +88,7 @@ def small_run_config_args(dataset, **overrides):
         "log_every_steps": 2,
         "checkpoint_every_steps": 2,
         "model.width": 0.35,
+        "model.stage_repeats": SHALLOW_STAGES,
         "model.bn_momentum": 0.9,
         "model.dropout_rate": 0.2,
         "optimizer.schedule": "constant",
@@ -95,7 +96,7 @@ def small_run_config_args(dataset, **overrides):
         "eval_every_epochs": 100.0,
     }
     args.update(overrides)
-    return ["--config", "configs/quickstart.py"] + [f"--config.{k}={v}" for k, v in args.items()]
+    return ["--config", "configs/quickstart.py"] + [f"--config.{k}={v}" for k, v in args.items() if v is not None]
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +246,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
     config = base_config()
     config.resolution, config.batch_size = 32, 8
     config.model.width, config.model.num_classes, config.model.dtype = 0.35, 10, "bfloat16"
+    config.model.stage_repeats = SHALLOW_STAGES
     mesh = distributed.make_mesh(jax.devices()[:1])
     trainer = train.build_trainer(config, plan.make_plan(config, 80, 8, 1, 1), mesh)
     state = jax.jit(trainer.create_state)(jax.random.key(0))

@@ -76,6 +76,7 @@ def check_standard_architecture(model_config: ml_collections.ConfigDict, target:
     expected = {
         "expansion": 6,
         "stage_expansion": None,
+        "stage_repeats": None,
         "output_stride": 32,
         "residual": "bottleneck",
         "nonlinear_bottleneck": False,

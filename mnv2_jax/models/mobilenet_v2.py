@@ -67,6 +67,16 @@ def stage_expansions(expansion: float | Sequence[float]) -> tuple[float, ...]:
     return expansion
 
 
+def stage_repeats(repeats: Sequence[int] | None) -> tuple[int, ...]:
+    """Blocks per stage: Table 2's `n` column unless given (7 values, e.g. shallower networks for a depth sweep)."""
+    if repeats is None:
+        return tuple(n for _, _, n, _ in BLOCK_STAGES)
+    repeats = tuple(repeats)
+    if len(repeats) != len(BLOCK_STAGES) or any(not isinstance(n, int) or n < 1 for n in repeats):
+        raise ValueError(f"model.stage_repeats needs {len(BLOCK_STAGES)} ints >= 1 (one per stage), got {repeats!r}")
+    return repeats
+
+
 def layer_specs(
     width: float = 1.0,
     expansion: float | Sequence[float] = 6,
@@ -74,8 +84,9 @@ def layer_specs(
     divisible_by: int = 8,
     min_depth: int = 8,
     in_features: int = 3,
+    repeats: Sequence[int] | None = None,
 ) -> list[LayerSpec]:
-    """The backbone's layer table for a width multiplier, expansion ratio(s) and output stride.
+    """The backbone's layer table for a width multiplier, expansion ratio(s), output stride and blocks per stage.
 
     Widths follow slim's `depth_multiplier` (the last conv stays 1280 below
     width 1.0); expansions are `make_divisible(in * t, 8)` of the already scaled
@@ -103,7 +114,8 @@ def layer_specs(
     stride, dilation = place(2)
     specs.append(LayerSpec("layer_1", "Conv", in_features, stem, None, stride, dilation))
     features, block = stem, 0
-    for t, (_, c, n, s) in zip(stage_expansions(expansion), BLOCK_STAGES, strict=True):
+    stages = zip(stage_expansions(expansion), BLOCK_STAGES, stage_repeats(repeats), strict=True)
+    for t, (_, c, _, s), n in stages:
         out = depth(c)
         for i in range(n):
             stride, dilation = place(s if i == 0 else 1)
@@ -213,13 +225,22 @@ class MobileNetV2(nn.Module):
     conventions: Conventions = Conventions()
     remat: bool = False  # rematerialise each inverted-residual block (its expanded tensors) for the gradient
     inference_chunk: int | None = None  # images per device run together by `predict` (0: all; None: auto)
-    final_endpoint: str = "layer_19"  # a backbone (`num_classes=0`) may stop earlier, as slim's `final_endpoint`
+    final_endpoint: str | None = None  # None: the last layer; a backbone (`num_classes=0`) may stop earlier (slim's)
+    stage_repeats: tuple[int, ...] | None = None  # blocks per stage; None: the paper's (1, 2, 3, 4, 3, 3, 1)
 
     def specs(self, in_features: int = 3) -> list[LayerSpec]:
         specs = layer_specs(
-            self.width, self.expansion, self.output_stride, self.divisible_by, self.min_depth, in_features
+            self.width,
+            self.expansion,
+            self.output_stride,
+            self.divisible_by,
+            self.min_depth,
+            in_features,
+            self.stage_repeats,
         )
         endpoints = [spec.endpoint for spec in specs]
+        if self.final_endpoint is None:
+            return specs
         if self.final_endpoint not in endpoints:
             raise ValueError(f"final_endpoint must be one of layer_1 ... {endpoints[-1]}, got {self.final_endpoint!r}")
         if self.num_classes and self.final_endpoint != endpoints[-1]:

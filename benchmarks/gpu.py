@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnv2_jax import tasks
 from mnv2_jax.config import base_config
-from mnv2_jax.models import build_model
 from mnv2_jax.training import optim, plan, steps
 
 
@@ -31,16 +31,17 @@ def ours(mode: str, dtype: str, depthwise: str, pointwise: str, batch: int, reso
     config.model.dtype = dtype
     config.model.depthwise = depthwise
     config.model.pointwise = pointwise
-    model = build_model(config.model)
+    task = tasks.get(config)
+    model = task.build_model()
     run_plan = plan.make_plan(config, 1000 * batch, batch, 1, 1)
     tx = optim.make_optimizer(config, run_plan)
-    state = steps.create_train_state(model, tx, jax.random.key(0), resolution=resolution, use_ema=False)
+    state = steps.create_train_state(model, tx, jax.random.key(0), task.input_shape(1), use_ema=False)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((batch, resolution, resolution, 3), np.float32))
     labels = jnp.asarray(rng.integers(0, 1000, batch).astype(np.int32))
     if mode == "train":
         schedule = optim.learning_rate_schedule(config, run_plan)
-        step = jax.jit(steps.make_train_step(model, tx, schedule, 1000, 0.0, None, jax.random.key(1)), donate_argnums=0)
+        step = jax.jit(steps.make_train_step(model, tx, schedule, task.loss, None, jax.random.key(1)), donate_argnums=0)
         carry = {"state": state}
 
         def one():

@@ -9,6 +9,30 @@ Width 0.5 follows DeepLab's released `dm05` models, which turn channel rounding 
 
 from mnv2_jax.config import base_config, parse_arg
 
+VOC_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+
 
 def get_config(arg=None):
     arg = parse_arg(arg, aspp=False, output_stride=16, width=1.0, resolution=513)
@@ -17,7 +41,8 @@ def get_config(arg=None):
     config.resolution = arg.resolution
     model = config.model
     model.width = arg.width
-    model.num_classes = 21  # 20 VOC classes and the background
+    model.num_classes = len(VOC_CLASSES)  # 20 VOC classes and the background
+    config.data.class_names = VOC_CLASSES
     model.output_stride = arg.output_stride
     if arg.width != 1.0:  # DeepLab's feature_extractor.py: min_depth=1, divisible_by=1 unless the width is 1.0
         model.divisible_by = model.min_depth = 1

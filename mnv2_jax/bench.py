@@ -97,7 +97,8 @@ def compile_step(config: ml_collections.ConfigDict, mode: str = "train", batch: 
     local = batch // distributed.mesh_process_count(mesh)
     pixels = rng.uniform(0, 255, (local, config.resolution, config.resolution, 3)).astype(np.float32)
     images = preprocessing.normalize(pixels, config.model.preprocessing)
-    labels = rng.integers(0, config.model.num_classes, local).astype(np.int32)
+    label_shape = trainer.task.dummy_batch(local)["label"].shape  # one per image, or per pixel
+    labels = rng.integers(0, config.model.num_classes, label_shape).astype(np.int32)
     inputs = distributed.global_batch({"image": images, "label": labels}, mesh)
 
     def jit_predict(model):
@@ -115,15 +116,17 @@ def compile_step(config: ml_collections.ConfigDict, mode: str = "train", batch: 
     compiled = step_fn.lower(*args).compile()
     compile_s = time.perf_counter() - started
     flops = _cost_flops(compiled)
-    if mode == "infer" and trainer.model.inference_chunk != 0:
+    backbone = models.backbone_of(trainer.model)
+    if mode == "infer" and backbone.inference_chunk != 0:
         # XLA's cost analysis counts a loop's body once: count the same network run on the whole batch.
-        flops = _cost_flops(jit_predict(trainer.model.clone(inference_chunk=0)).lower(*args).compile())
+        whole_batch = models.with_backbone(trainer.model, backbone.clone(inference_chunk=0))
+        flops = _cost_flops(jit_predict(whole_batch).lower(*args).compile())
     on_kernels = layers.resolve_depthwise(config.model.depthwise) is layers.depthwise_cpu_kernel
-    if mode == "train" and on_kernels and flops is not None and trainer.model.conventions.dtype == np.float32:
+    if mode == "train" and on_kernels and flops is not None and backbone.conventions.dtype == np.float32:
         # nor does it count custom calls: add the C++ kernels' own multiply-adds, one per tap and output element in
         # each of the forward (twice with remat), input-gradient and kernel-gradient passes (2 FLOPs each)
         depthwise_macs = complexity.summarize(trainer.model, config.resolution)["macs_by_kind"]["depthwise"]
-        passes = 4 if trainer.model.remat else 3
+        passes = 4 if backbone.remat else 3
         flops += passes * 2 * depthwise_macs * batch / mesh.size
     carry = {"state": state}
 

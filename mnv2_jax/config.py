@@ -31,7 +31,6 @@ CONVENTIONS: dict[str, dict[str, Any]] = {
 }
 PREPROCESSING_MODES = ("inception", "imagenet")
 TASKS = ("classification", "segmentation")
-SEGMENTATION_FEATURE_ENDPOINTS = ("layer_18", "layer_19")
 DTYPES = ("float32", "bfloat16", "float64")  # float64 (with JAX_ENABLE_X64=1) is for exactness tests
 
 
@@ -46,6 +45,7 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "classification"  # what the model learns: one of TASKS; each has its own section below
     config.resolution = 224
+    config.eval_resolution = config_dict.placeholder(int)  # evaluation's input size; None: resolution
     config.seed = 0
 
     model = config.model = ml_collections.ConfigDict()
@@ -75,15 +75,16 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
 
     # task=segmentation: Mobile DeepLabv3 (mnv2_jax.models.deeplab) on the backbone above.
     seg = config.segmentation = ml_collections.ConfigDict()
-    seg.feature_endpoint = "layer_18"  # the paper's V2*: the 320-channel map before the last 1x1 conv
+    seg.feature_endpoint = "layer_18"  # the paper's V2*: the 320-channel map before the last 1x1 conv (layer_19)
     seg.aspp = False  # False: the released head (image pooling + 1x1); True: the paper's ASPP variant
     seg.atrous_rates = config_dict.placeholder(tuple)  # ASPP's three rates; None: 6/12/18 at output stride 16, x2 at 8
     seg.head_features = 256
     seg.head_dropout_rate = 0.1
     seg.head_bn_momentum = 0.9997  # DeepLab's head batch norm (the backbone keeps model.bn_*)
     seg.head_bn_epsilon = 1e-5
+    seg.fine_tune_batch_norm = True  # False: the backbone's BN keeps its stored statistics (small batches, imports)
 
-    # Data: any TFDS image-classification dataset by name, or `imagefolder:<root>`.
+    # Data: a TFDS dataset by name, `imagefolder:<root>` (classification) or `voc:<root>` (segmentation).
     config.dataset = "imagenet2012"
     config.data_dir = config_dict.placeholder(str)  # TFDS data dir (default: TFDS's own)
     config.train_split = "train"
@@ -94,6 +95,9 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     data.min_object_covered = 0.1
     data.flip = True
     data.eval_crop = 0.875
+    data.scale_range = (0.5, 2.0)  # segmentation: DeepLab's random rescale before the crop (resolution x resolution)
+    data.scale_step = 0.25  # segmentation: scales in this step within scale_range; 0: any scale
+    data.class_names = config_dict.placeholder(tuple)  # for datasets that do not name their classes (voc:<root>)
     data.shuffle_buffer = 16_384
     data.cache = False  # cache the encoded examples in memory (small datasets)
     data.prefetch = 0  # batches to prefetch per process (0 = autotune)
@@ -228,6 +232,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"map would reach 1x1 before the last stride-2 layers, which then stride over padding (Keras also "
             f"requires >= 32 at output stride 32); use resolution >= {model.output_stride} or a smaller output stride"
         )
+    if config.eval_resolution is not None:
+        _check_positive("eval_resolution", config.eval_resolution)
     _check_choice("task", config.task, TASKS)
     if config.task == "segmentation":
         validate_segmentation(config)
@@ -247,7 +253,11 @@ def validate_segmentation(config: ml_collections.ConfigDict) -> None:
     _check_choice("model.output_stride (segmentation)", config.model.output_stride, SEGMENTATION_OUTPUT_STRIDES)
     if not isinstance(config.model.num_classes, int) or config.model.num_classes < 1:
         raise ConfigError(f"model.num_classes must be an int >= 1 for segmentation, got {config.model.num_classes!r}")
-    _check_choice("segmentation.feature_endpoint", seg.feature_endpoint, SEGMENTATION_FEATURE_ENDPOINTS)
+    layers = 2 + sum(stage_repeats(config.model.stage_repeats))  # the stem, the blocks, the last 1x1 conv
+    if seg.feature_endpoint not in [f"layer_{i}" for i in range(2, layers + 1)]:
+        raise ConfigError(
+            f"segmentation.feature_endpoint must be one of layer_2 ... layer_{layers}, got {seg.feature_endpoint!r}"
+        )
     _check_choice("segmentation.aspp", seg.aspp, (False, True))
     if seg.atrous_rates is not None and not (
         len(seg.atrous_rates) == 3 and all(isinstance(r, int) and r >= 1 for r in seg.atrous_rates)
@@ -257,6 +267,7 @@ def validate_segmentation(config: ml_collections.ConfigDict) -> None:
     _check_range("segmentation.head_dropout_rate", seg.head_dropout_rate, 0.0, 1.0)
     _check_range("segmentation.head_bn_momentum", seg.head_bn_momentum, 0.0, 1.0)
     _check_positive("segmentation.head_bn_epsilon", seg.head_bn_epsilon, float)
+    _check_choice("segmentation.fine_tune_batch_norm", seg.fine_tune_batch_norm, (False, True))
 
 
 OPTIMIZERS = ("rmsprop", "sgd", "adamw")
@@ -281,7 +292,7 @@ def _check_interval(field: str, value: Any, low: float, high: float) -> None:
 def validate_training(config: ml_collections.ConfigDict) -> None:
     """Checks the data, optimizer and loop fields used by `mnv2 train` / `mnv2 eval`."""
     if not isinstance(config.dataset, str) or not config.dataset:
-        raise ConfigError(f"dataset must be a TFDS name or 'imagefolder:<root>', got {config.dataset!r}")
+        raise ConfigError(f"dataset must be a TFDS name, 'imagefolder:<root>' or 'voc:<root>', got {config.dataset!r}")
     for field in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _check_positive(field, config[field])
     _check_positive("num_epochs", config.num_epochs, float)
@@ -293,6 +304,10 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     _check_interval("data.aspect_ratio_range", data.aspect_ratio_range, 1e-3, 1e3)
     _check_range("data.min_object_covered", data.min_object_covered, 0.0, 1.0, closed_high=True)
     _check_range("data.eval_crop", data.eval_crop, 1e-6, 1.0, closed_high=True)
+    _check_interval("data.scale_range", data.scale_range, 1e-3, 1e3)
+    _check_range("data.scale_step", data.scale_step, 0.0, float("inf"))
+    if data.class_names is not None and not all(isinstance(name, str) for name in data.class_names):
+        raise ConfigError(f"data.class_names must be a tuple of strings or None, got {data.class_names!r}")
     _check_positive("data.shuffle_buffer", data.shuffle_buffer)
     _check_choice("data.corrupt_images", data.corrupt_images, CORRUPT_IMAGE_POLICIES)
     opt = config.optimizer

@@ -1,4 +1,4 @@
-"""Loading a classifier from a workdir and running it on images."""
+"""Loading a task's model from a workdir and running it on images: classes per image, or per pixel."""
 
 from __future__ import annotations
 
@@ -11,28 +11,29 @@ import ml_collections
 import numpy as np
 
 from mnv2_jax import config as config_lib
+from mnv2_jax import tasks
 from mnv2_jax.data import preprocessing
-from mnv2_jax.models import MobileNetV2, build_model, predict
+from mnv2_jax.models import MobileNetV2, abstract_variables, predict
 from mnv2_jax.training import checkpoint
 
 
-def abstract_variables(model: MobileNetV2, resolution: int, in_channels: int = 3) -> dict[str, Any]:
-    """Shapes and dtypes of `model`'s variables, without allocating them."""
-    images = jax.ShapeDtypeStruct((1, resolution, resolution, in_channels), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.key(0), images)
+def load_model(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, dict[str, Any]]:
+    """The config, the task's model and `{'params', 'batch_stats'}` of a checkpoint (the latest by default)."""
+    step, config = checkpoint.restore_config(workdir, step)
+    model = tasks.get(config).build_model()
+    abstract = abstract_variables(model, config.resolution)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    _, variables = checkpoint.restore_model_variables(workdir, abstract, device, step)
+    return config, model, variables
 
 
 def load_classifier(
     workdir: str, step: int | None = None
 ) -> tuple[ml_collections.ConfigDict, MobileNetV2, dict[str, Any]]:
-    """The config, model and `{'params', 'batch_stats'}` of a checkpoint (the latest by default)."""
-    step, config = checkpoint.restore_config(workdir, step)
+    """`load_model` for a classification workdir."""
+    _, config = checkpoint.restore_config(workdir, step)
     config_lib.require_task(config, ("classification",), f"loading a classifier from {workdir}")
-    model = build_model(config.model)
-    abstract = abstract_variables(model, config.resolution)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    _, variables = checkpoint.restore_model_variables(workdir, abstract, device, step)
-    return config, model, variables
+    return load_model(workdir, step)
 
 
 def classify(model: MobileNetV2, variables: dict[str, Any], images: np.ndarray, preprocessing_mode: str) -> np.ndarray:
@@ -57,3 +58,26 @@ def top_k(probabilities: np.ndarray, k: int, labels: Sequence[str] | None = None
     order = np.argsort(-probabilities, kind="stable")[:k]
     name = (lambda i: labels[i] if i < len(labels) else str(i)) if labels else str
     return [(int(i), name(int(i)), float(probabilities[i])) for i in order]
+
+
+def segment(model, variables: dict[str, Any], image: np.ndarray, size: int, preprocessing_mode: str) -> np.ndarray:
+    """Class ids (uint8, height x width) of one float RGB image with pixel values in [0, 255], at its own size.
+
+    As in evaluation, an image larger than `size` is scaled down to fit, and it is padded to `size` x `size`;
+    the logits of the image's region are resized back to the image's size before the argmax.
+    """
+    from mnv2_jax.data import segmentation
+
+    height, width = image.shape[:2]
+    scale = min(1.0, size / max(height, width))
+    fitted = (round(height * scale), round(width * scale))
+    dummy_mask = np.zeros((height, width), np.uint8)
+    padded, _ = segmentation.fit_and_pad(image, dummy_mask, size, 0)
+
+    @jax.jit
+    def logits(variables, images):
+        return predict(model, variables, preprocessing.normalize(images, preprocessing_mode))
+
+    region = logits(variables, jnp.asarray(padded.numpy()[None], jnp.float32))[0, : fitted[0], : fitted[1]]
+    region = jax.image.resize(region, (height, width, region.shape[-1]), "bilinear")
+    return np.asarray(jnp.argmax(region, axis=-1), np.uint8)

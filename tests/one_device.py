@@ -5,7 +5,7 @@
 Writes to OUT_DIR:
 - `resolved.json`: the device count, what `model.depthwise=auto` resolves to for training and for inference, and
   whether each implementation's compiled train step calls the C++ kernels;
-- `step_<impl>.npz` for impl in cpu_kernel, shifted, grouped: the loss, logits, updated batch statistics and the
+- `step_<impl>.npz` for impl in cpu_kernel, shifted: the loss, logits, updated batch statistics and the
   gradient of every parameter of one training step of a whole model. Every batch norm's bias is 3, so that
   ReLU6's inputs stay away from its kinks at 0 and 6: there, float32 rounding differences between two correct
   implementations flip single elements' gradients (at init, about one element a step changes some tensors'
@@ -30,9 +30,9 @@ from configs_loader import load
 from mnv2_jax import bench
 from mnv2_jax.cli.main import main as mnv2
 from mnv2_jax.models import build_model, layers
-from mnv2_jax.training import steps
+from mnv2_jax.tasks import classification
 
-IMPLEMENTATIONS = ("cpu_kernel", "shifted", "grouped")
+IMPLEMENTATIONS = ("cpu_kernel", "shifted")  # the shifted form equals XLA's grouped one (tests/test_layers.py)
 TRAIN_IMPLEMENTATIONS = ("auto", "shifted")
 
 
@@ -58,7 +58,7 @@ def train_step_values_and_gradients(depthwise: str, run: bool = True) -> tuple[d
         (logits, _), updates = model.apply(
             {"params": params, "batch_stats": variables["batch_stats"]}, images, train=True, mutable=["batch_stats"]
         )
-        loss = steps.cross_entropy(logits, labels, config.model.num_classes).mean()
+        loss = classification.cross_entropy(logits, labels, config.model.num_classes).mean()
         return loss, (logits, updates["batch_stats"])
 
     value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))

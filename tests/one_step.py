@@ -1,11 +1,11 @@
 """One training step of the tiny model in float64, run as its own process (or one of several).
 
-    python tests/one_step.py MESHES GROUPS OUTPUT.npz
+    python tests/one_step.py MESHES RUNS OUTPUT.npz
 
 For each mesh in MESHES (comma-separated: `all` uses every device of every process, start it through
-`launch/local.py` for several processes; `one` the first device only) and each BN group size in GROUPS
-(comma-separated integers or `none`), one step from the same initial state and batch. Process 0 writes the
-parameters, EMA and batch statistics as `<mesh>-<group>:<name>`. Needs JAX_ENABLE_X64=1.
+`launch/local.py` for several processes; `one` the first device only) and each run in RUNS (comma-separated
+`<task>-<BN group size or none>`), one step from the same initial state and batch. Process 0 writes the
+parameters, EMA and batch statistics as `<mesh>-<run>:<name>`. Needs JAX_ENABLE_X64=1.
 """
 
 import sys
@@ -20,22 +20,23 @@ from mnv2_jax.training import distributed
 
 
 def main() -> None:
-    meshes, groups, out = sys.argv[1].split(","), sys.argv[2].split(","), sys.argv[3]
+    meshes, runs, out = sys.argv[1].split(","), sys.argv[2].split(","), sys.argv[3]
     distributed.maybe_initialize(timeout_s=60)
     assert jax.config.jax_enable_x64, "run with JAX_ENABLE_X64=1"
-    results, initial = {}, None
+    results, initial = {}, {}
     for which in meshes:
         mesh = distributed.make_mesh(jax.devices() if which == "all" else jax.devices()[:1])
-        for group in groups:
-            config = train_helpers.tiny_config(None if group == "none" else int(group))
+        for run in runs:
+            task, group = run.split("-")
+            config = train_helpers.tiny_config(None if group == "none" else int(group), task=task)
             images, labels = train_helpers.fixed_batch(config)
             per_process = len(images) // distributed.mesh_process_count(mesh)
             lo = distributed.mesh_process_index(mesh) * per_process
             local = {"image": images[lo : lo + per_process], "label": labels[lo : lo + per_process]}
-            if initial is None:  # the same for every mesh and BN grouping: compiled once
-                initial = train_helpers.initial_state(config, mesh)
-            state = train_helpers.one_step(config, mesh, local, initial)
-            results.update({f"{which}-{group}:{k}": v for k, v in train_helpers.flat(state).items()})
+            if task not in initial:  # the same for every mesh and BN grouping: compiled once
+                initial[task] = train_helpers.initial_state(config, mesh)
+            state = train_helpers.one_step(config, mesh, local, initial[task])
+            results.update({f"{which}-{run}:{k}": v for k, v in train_helpers.flat(state).items()})
     if jax.process_index() == 0:
         np.savez(out, **results)
 

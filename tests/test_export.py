@@ -317,3 +317,47 @@ def test_int8_calibration_defaults_to_the_configs_eval_split(tmp_path):
     assert images[0].min() >= -1.0 and images[0].max() <= 1.0  # the model's input, not raw pixels
     with pytest.raises(ConversionError, match="matches no image files"):
         routes.calibration_images(config, str(tmp_path / "empty*"), 3)
+
+
+SEGMENTER = "configs/deeplab_voc.py:width=0.5,resolution=65"
+
+
+@functools.cache
+def segmenter_case():
+    """Mobile DeepLabv3 (width 0.5, 21 classes) with random weights; the logits layer scaled up from its 0.01
+    init so that per-pixel logits are large enough for a meaningful 1e-4 comparison."""
+    config = load(SEGMENTER)
+    variables = random_variables(config)
+    variables["params"]["logits"]["kernel"] = variables["params"]["logits"]["kernel"] * 50
+    images = random_inputs(config)
+    logits = jax_logits(config, variables, images)
+    assert logits.shape == (2, 65, 65, 21) and logits.std() > 0.05
+    return config, variables, images, logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["tflite", "onnx", "savedmodel"])
+def test_segmenter_exports_give_the_same_per_pixel_logits_in_their_runtimes(tmp_path, fmt):
+    config, variables, images, logits = segmenter_case()
+    out = tmp_path / SUFFIX[fmt]
+    metadata = routes.export(config, variables, fmt, str(out))
+    if fmt == "tflite":
+        assert_close(tflite_logits(out, images), logits)
+    elif fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        assert_close(session.run(["logits"], {"images": images})[0], logits)
+    else:
+        import tensorflow as tf
+
+        serve = tf.saved_model.load(str(out)).signatures["serving_default"]
+        assert_close(serve(images=tf.constant(images))["logits"].numpy(), logits)
+    assert metadata["output"]["shape"][1:] == [65, 65, 21] and "per-pixel" in json.dumps(metadata)
+    assert metadata["class_names"][3] == "bird"
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors", "keras"])
+def test_segmenter_refuses_classifier_only_formats(tmp_path, fmt):
+    with pytest.raises(ConversionError, match=f"--format {fmt} holds classifiers only; task='segmentation'"):
+        routes.check_before_export(load(SEGMENTER), fmt, str(tmp_path / SUFFIX[fmt]), routes.ExportOptions())

@@ -205,24 +205,28 @@ def _mark_unpickled():
     return None
 
 
-def test_imported_weights_fine_tune_with_init_from(mnv2, tmp_path):
+def test_init_from_an_imported_workdir_loads_every_tensor(mnv2, tmp_path):
+    """`--config.init_from` of an `mnv2 import` workdir into the same architecture loads each tensor as imported
+    (the train state is abstract: what `mnv2 train` does to it before its first step, without compiling)."""
+    import jax
     import torch
-    from datasets import synthetic_imagefolder
-    from test_train import small_run_config_args
 
-    from mnv2_jax.training import checkpoint
+    from mnv2_jax.training import distributed, plan, train, transfer
 
     torch.save(torchvision_model(0.35, 3).state_dict(), tmp_path / "tv.pth")
     imported = tmp_path / "imported"
+    spec = "configs/imagenet.py:width=0.35,resolution=32,num_classes=3,convention=torch"
     status, _, err = mnv2(
-        "import", "--from", "torch", str(tmp_path / "tv.pth"), "--workdir", str(imported),
-        "--config", "configs/imagenet.py:width=0.35,resolution=32,num_classes=3,convention=torch",
-    )  # fmt: skip
+        "import", "--from", "torch", str(tmp_path / "tv.pth"), "--workdir", imported, "--config", spec
+    )
     assert status == 0, err
-    folder = synthetic_imagefolder(tmp_path / "folder", {"train": 16, "test": 4})
-    overrides = {"init_from": imported, "num_train_steps": 1, "model.padding": "symmetric", "model.bn_epsilon": 1e-5}
-    overrides["model.stage_repeats"] = None  # torchvision's depth
-    status, _, err = mnv2("train", "--workdir", str(tmp_path / "run"), *small_run_config_args(folder, **overrides))
-    assert status == 0, err
-    assert "initialised params and batch statistics from" in err
-    assert checkpoint.latest_step(str(tmp_path / "run")) == 1
+    config, _, variables = inference.load_model(str(imported))
+    mesh = distributed.make_mesh()
+    trainer = train.build_trainer(config, plan.make_plan(config, 80, 8, mesh.size, 1), mesh)
+    state = jax.eval_shape(trainer.create_state, jax.random.key(0))
+    state, report = transfer.initialise_from(state, str(imported), distributed.replicated(mesh))
+    assert not report.new and not report.left_out and len(report.loaded) > 200
+    for collection in ("params", "batch_stats"):
+        ours = dict(jax.tree_util.tree_leaves_with_path(getattr(state, collection)))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(variables[collection]):
+            np.testing.assert_array_equal(np.asarray(ours[path]), np.asarray(leaf), err_msg=str(path))

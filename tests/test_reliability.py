@@ -24,11 +24,13 @@ from mnv2_jax.errors import UserError
 from mnv2_jax.training import checkpoint, distributed, plan, train
 
 
-@pytest.mark.parametrize("poison", ["nan_pixel", "inf_loss"])
-def test_a_nonfinite_step_leaves_the_state_unchanged(poison):
+@pytest.mark.parametrize(
+    "task, poison", [("classification", "nan_pixel"), ("classification", "inf_loss"), ("segmentation", "nan_pixel")]
+)
+def test_a_nonfinite_step_leaves_the_state_unchanged(task, poison):
     """A NaN pixel poisons the batch statistics, the loss and every gradient; a logit bias of -inf for a class that
     labels carry (label smoothing gives every class a target) makes the loss +Inf while every gradient stays finite."""
-    config = tiny_config()
+    config = tiny_config(task=task)
     config.model.dtype = "float32"
     mesh = distributed.make_mesh()
     trainer = train.build_trainer(config, plan.make_plan(config, 1000, 100, mesh.size, 1), mesh)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from configs_loader import load
 from conftest import require
+from PIL import Image
 from test_architecture import STAGES, WIDTHS
 
 from mnv2_jax.models import build
@@ -109,7 +111,10 @@ def test_bilinear_resizing_equals_tensorflows(in_size, out_size, align_corners):
     "override, message",
     [
         ("--config.model.output_stride=32", "model.output_stride (segmentation) must be one of (8, 16), got 32"),
-        ("--config.segmentation.feature_endpoint=layer_7", "segmentation.feature_endpoint must be one of"),
+        (
+            "--config.segmentation.feature_endpoint=layer_20",
+            "segmentation.feature_endpoint must be one of layer_2 ... layer_19, got 'layer_20'",
+        ),
         ("--config.segmentation.head_dropout_rate=1.0", "segmentation.head_dropout_rate must be in [0.0, 1.0)"),
         ("--config.task=detection", "task must be one of ('classification', 'segmentation'), got 'detection'"),
     ],
@@ -117,14 +122,6 @@ def test_bilinear_resizing_equals_tensorflows(in_size, out_size, align_corners):
 def test_bad_segmentation_fields_are_one_line_errors(mnv2, override, message):
     status, _, err = mnv2("summary", "--config", "configs/deeplab_voc.py", override)
     assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
-
-
-@pytest.mark.parametrize("command", ["train", "bench"])
-def test_commands_that_do_not_serve_segmentation_yet_say_so_before_any_work(mnv2, tmp_path, command):
-    args = ["--workdir", str(tmp_path / "run")] if command == "train" else []
-    status, _, err = mnv2(command, "--config", "configs/deeplab_voc.py", *args)
-    assert status == 2 and "does not serve task='segmentation' yet" in err, err
-    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("devices", [1, 8])
@@ -169,7 +166,6 @@ DEEPLAB_MODELS = {1.0: "coral/deeplabv3_mnv2_pascal_quant.tflite", 0.5: "coral/d
 
 def coral_pixels(shared_data, name: str):
     """The photo as the 513x513 uint8 RGB input of the authors' models (the 256-pixel dog resized to it)."""
-    from PIL import Image
 
     image = Image.open(shared_data / "coral" / name).convert("RGB")
     return np.asarray(image.resize((513, 513), Image.BILINEAR) if image.size != (513, 513) else image)
@@ -188,7 +184,6 @@ def test_the_authors_deeplab_models_import_with_the_interpreters_per_pixel_class
     the bird, whose labels ship with it, ours agrees with the labels at least as well as the interpreter."""
     require("ai_edge_litert")
     import tflite_reference
-    from PIL import Image
 
     from mnv2_jax.convert.importers import import_variables
 
@@ -223,7 +218,15 @@ def test_import_command_writes_a_segmentation_workdir_and_refuses_classifier_for
     args = ["import", "--config", "configs/deeplab_voc.py:width=0.5", "--workdir"]
     status, _, err = mnv2(*args, tmp_path / "imported", "--from", "tflite", path)
     assert status == 0, err
-    status, _, err = mnv2("predict", "--workdir", tmp_path / "imported", shared_data / "coral" / "bird.bmp")
-    assert status == 2 and "does not serve task='segmentation' yet" in err, err
+    bird = shared_data / "coral" / "bird_segmentation.bmp"
+    status, out, err = mnv2("predict", "--workdir", tmp_path / "imported", "--out", tmp_path / "pred", bird)
+    assert status == 0, err
+    classes = np.asarray(Image.open(tmp_path / "pred" / "bird_segmentation_classes.png"))
+    truth = np.asarray(Image.open(shared_data / "coral" / "bird_segmentation_mask.bmp"))
+    assert classes.shape == truth.shape and np.mean(classes == truth) >= 0.95
+    assert Image.open(tmp_path / "pred" / "bird_segmentation_overlay.png").size == Image.open(bird).size
+    share_lines = [line.split() for line in out.splitlines() if re.fullmatch(r"\s+\d\.\d{4}\s+\d+\s+\S+", line)]
+    shares = {name: float(share) for share, _, name in share_lines}
+    assert shares["bird"] > 0.05 and abs(sum(shares.values()) - 1) < 1e-3, out
     status, _, err = mnv2(*args, tmp_path / "torch", "--from", "torch", path)
     assert status == 2 and "--from torch reads classifiers" in err, err

@@ -11,13 +11,11 @@ import pytest
 from conftest import REPO, WITHOUT_COMPILATION_CACHE, mnv2_command, one_device_environment, require
 from train_helpers import SHALLOW_STAGES, assert_bitwise_equal, path_names, saved_state
 
-from mnv2_jax import inference
+from mnv2_jax import tasks
 from mnv2_jax.config import base_config
 from mnv2_jax.data import pipeline
-from mnv2_jax.models import build_model
+from mnv2_jax.models import abstract_variables
 from mnv2_jax.training import checkpoint, distributed, metrics, plan, train
-
-BN_MODES = [None, 8]  # global statistics; per-group ("ghost") statistics over groups of 8 (of the 16)
 
 
 def assert_same_state(a: dict, b: dict, rtol=1e-6, atol=1e-7):
@@ -26,11 +24,11 @@ def assert_same_state(a: dict, b: dict, rtol=1e-6, atol=1e-7):
         np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=name)
 
 
-def run_one_step(tmp_path, meshes, groups, processes=1) -> dict[str, dict[str, np.ndarray]]:
+def run_one_step(tmp_path, meshes, runs, processes=1) -> dict[str, dict[str, np.ndarray]]:
     """tests/one_step.py in float64 on 8 forced CPU devices in all (several processes via launch/local.py); the
-    results by `<mesh>-<group>`."""
-    out = tmp_path / f"{meshes}-{groups}-{processes}.npz"
-    script = [sys.executable, str(REPO / "tests" / "one_step.py"), meshes, groups, str(out)]
+    results by `<mesh>-<task>-<group>`."""
+    out = tmp_path / f"{meshes}-{runs}-{processes}.npz"
+    script = [sys.executable, str(REPO / "tests" / "one_step.py"), meshes, runs, str(out)]
     env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // processes}"
     if processes > 1:
@@ -39,38 +37,45 @@ def run_one_step(tmp_path, meshes, groups, processes=1) -> dict[str, dict[str, n
         env.update(WITHOUT_COMPILATION_CACHE)
     result = subprocess.run(script, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    runs: dict[str, dict[str, np.ndarray]] = {}
+    steps: dict[str, dict[str, np.ndarray]] = {}
     for key, value in np.load(out).items():
         run, name = key.split(":", 1)
-        runs.setdefault(run, {})[name] = value
-    return runs
+        steps.setdefault(run, {})[name] = value
+    return steps
+
+
+# Every task's step on any mesh; BN per group (of 8 of the 16 images) once, as it does not depend on the task.
+ONE_STEP_RUNS = ["classification-none", "classification-8", "segmentation-none"]
 
 
 @pytest.fixture(scope="module")
 def one_process_steps(tmp_path_factory):
-    """One step on 1 and on 8 devices, with global and with per-group BN statistics, in one process."""
-    return run_one_step(tmp_path_factory.mktemp("one_step"), "one,all", "none,8")
+    """One step on 1 and on 8 devices of each of ONE_STEP_RUNS, in one process."""
+    return run_one_step(tmp_path_factory.mktemp("one_step"), "one,all", ",".join(ONE_STEP_RUNS))
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("one_step")
-@pytest.mark.parametrize("group_size", BN_MODES)
-def test_one_step_on_8_devices_equals_1_device(group_size, one_process_steps):
-    eight, one = (one_process_steps[f"{mesh}-{str(group_size).lower()}"] for mesh in ("all", "one"))
+@pytest.mark.parametrize("run", ONE_STEP_RUNS)
+def test_one_step_on_8_devices_equals_1_device(run, one_process_steps):
+    eight, one = one_process_steps[f"all-{run}"], one_process_steps[f"one-{run}"]
     assert_same_state(eight, one, rtol=1e-9, atol=1e-12)
     # The step really trained, and global vs ghost statistics really differ (so the comparison can fail).
     assert not np.allclose(one["['batch_stats']['Conv']['BatchNorm']['mean']"], 0)
     name = "['params']['Conv']['kernel']"
-    assert not np.allclose(one_process_steps["one-none"][name], one_process_steps["one-8"][name], rtol=1e-6)
+    global_bn, ghost_bn = (one_process_steps[f"one-classification-{g}"][name] for g in ("none", "8"))
+    assert not np.allclose(global_bn, ghost_bn, rtol=1e-6)
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("one_step")
 def test_two_processes_with_four_devices_each_equal_one_device(one_process_steps, tmp_path):
     """Global BN statistics, whose reductions cross the processes (per-group statistics are checked on 8 devices,
-    the same partitioned program)."""
-    two_processes = run_one_step(tmp_path, "all", "none", processes=2)["all-none"]
-    assert_same_state(two_processes, one_process_steps["one-none"], rtol=1e-9, atol=1e-12)
+    the same partitioned program), for each task."""
+    runs = ["classification-none", "segmentation-none"]
+    two_processes = run_one_step(tmp_path, "all", ",".join(runs), processes=2)
+    for run in runs:
+        assert_same_state(two_processes[f"all-{run}"], one_process_steps[f"one-{run}"], rtol=1e-9, atol=1e-12)
 
 
 def small_run_config_args(dataset, **overrides):
@@ -138,6 +143,11 @@ def test_eval_command_matches_training_eval_and_works_on_one_device(mnv2, traine
     assert step == 6 and one_device["eval/count"] == 13
     assert one_device["eval/top1"] == pytest.approx(during_training["eval/top1"])
     assert one_device["eval/loss"] == pytest.approx(during_training["eval/loss"], rel=1e-4)
+    # Another split of the same data: its own metrics, next to the run's.
+    status, out, err = mnv2("eval", "--workdir", trained, "--config.eval_split=train", "--config.eval_batch_size=40")
+    assert status == 0, err
+    assert "eval_train/count=40.0000" in out
+    assert any("eval_train/top1" in r for r in metrics.read_metrics(str(trained)))
 
 
 @pytest.mark.slow
@@ -232,10 +242,11 @@ def test_eval_counts_every_example_once_on_any_device_count(folder, trained, dev
     config = _load(small_run_config_args(folder, eval_batch_size=24))
     config.model.num_classes = 3
     mesh = distributed.make_mesh(jax.devices()[:devices])
-    model = build_model(config.model)
-    abstract = inference.abstract_variables(model, config.resolution)
+    task = tasks.get(config)
+    model = task.build_model()
+    abstract = abstract_variables(model, config.resolution)
     _, variables = checkpoint.restore_model_variables(str(trained), abstract, distributed.replicated(mesh))
-    eval_step = train.jit_eval_step(model, 3, mesh)
+    eval_step = train.jit_eval_step(task, model, mesh)
     results = train.evaluate(eval_step, variables, pipeline.get_builder(folder), config, 24, mesh)
     assert results["eval/count"] == 13
     assert results["eval/top1"] == pytest.approx(reference["eval/top1"])

@@ -16,9 +16,15 @@ BATCH = 16
 SHALLOW_STAGES = (1, 1, 2, 1, 1, 1, 1)
 
 
-def tiny_config(bn_group_size=None, stage_repeats=SHALLOW_STAGES):
+def tiny_config(bn_group_size=None, stage_repeats=SHALLOW_STAGES, task="classification"):
     config = base_config()
+    config.task = task
     config.model.stage_repeats = stage_repeats
+    if task == "segmentation":
+        config.model.output_stride = 16
+        config.segmentation.feature_endpoint = "layer_9" if stage_repeats == SHALLOW_STAGES else "layer_18"
+        config.segmentation.head_features = 16
+        config.segmentation.head_bn_momentum = 0.9
     config.resolution = 32
     # float64: in float32 one step of a deep ReLU6/BN network at init is chaotic (a 1e-7 relative change of the input
     # moves some parameters by up to 1e-2 relative), which would hide real differences between meshes.
@@ -35,8 +41,13 @@ def tiny_config(bn_group_size=None, stage_repeats=SHALLOW_STAGES):
 
 
 def fixed_batch(config):
+    """Images and labels (per image, or per pixel with a tenth of the pixels ignored) of one global batch."""
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (BATCH, config.resolution, config.resolution, 3))
+    if config.task == "segmentation":
+        labels = rng.integers(0, 10, (BATCH, config.resolution, config.resolution)).astype(np.int32)
+        labels[rng.uniform(size=labels.shape) < 0.1] = 255
+        return images, labels
     labels = rng.integers(0, 10, BATCH).astype(np.int32)
     return images, labels
 

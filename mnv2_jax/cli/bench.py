@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
         flag_values=fv,
     )
     common.parse(fv, argv)
-    config = common.load_config(config_flag, "bench")
+    config = common.load_config(config_flag)
     from mnv2_jax import bench
     from mnv2_jax.training import distributed
 

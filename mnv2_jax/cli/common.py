@@ -49,13 +49,8 @@ def parse(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
         raise UsageError(f"unknown config field: {flag}{hint}") from None
 
 
-# The tasks each command given a config serves today (segmentation trains once the trainer serves every task);
-# a command not listed serves them all. Eval, predict and export check the workdir's config (`inference`, `train`).
-COMMAND_TASKS = {"train": ("classification",), "bench": ("classification",)}
-
-
-def load_config(holder: flags.FlagHolder, command: str | None = None):
-    """The validated config; `command` (e.g. `train`) must serve its `task`."""
+def load_config(holder: flags.FlagHolder):
+    """The validated config."""
     if holder.value is None:
         raise UsageError("--config is required, e.g. --config configs/imagenet.py")
     config = holder.value
@@ -64,7 +59,6 @@ def load_config(holder: flags.FlagHolder, command: str | None = None):
     except OSError as e:  # ml_collections loads the file lazily and reports a missing one here
         path = config_flags.get_config_filename(holder._flagvalues[holder.name])
         raise UsageError(f"cannot load config file {path}: {str(e).splitlines()[-1].strip()}") from None
-    config_lib.require_task(config, COMMAND_TASKS.get(command, config_lib.TASKS), f"mnv2 {command}")
     return config
 
 

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
     )
     step, config = checkpoint.restore_config(fv.workdir, fv.checkpoint)
     routes.check_before_export(config, fv.format, fv.out, options)
-    config, _, variables = inference.load_classifier(fv.workdir, step)
+    config, _, variables = inference.load_model(fv.workdir, step)
     source = {"workdir": fv.workdir, "step": step}
     routes.export(config, variables, fv.format, fv.out, options, source)
     print(f"exported {fv.workdir} (step {step}) as {fv.format} -> {fv.out}")

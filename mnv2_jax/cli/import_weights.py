@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
     paths = common.parse(fv, argv)
     if fv["from"].value is None or fv.workdir is None or len(paths) != 1:
         raise common.UsageError(f"usage: {argv[0]} --from {{{','.join(FORMATS)}}} PATH --config CONFIG --workdir DIR")
-    config = common.load_config(config_flag, "import")
+    config = common.load_config(config_flag)
     variables = import_variables(fv["from"].value, paths[0], config)
     where = write_workdir(fv.workdir, variables, config)
     print(f"imported {paths[0]} -> {where} (step 0)")

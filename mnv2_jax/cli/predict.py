@@ -1,13 +1,42 @@
-"""`mnv2 predict --workdir DIR [--labels FILE] IMAGE...`: top-k classes per image."""
+"""`mnv2 predict --workdir DIR [--labels FILE] IMAGE...`: top-k classes per image (classification), or per-pixel
+classes written as PNGs under `--out DIR` with each class's share of the image (segmentation)."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from absl import flags
+from PIL import Image
 
 from mnv2_jax import inference
 from mnv2_jax.cli import common
 from mnv2_jax.data import preprocessing
+from mnv2_jax.training import checkpoint
+
+
+def colour_map(num_classes: int) -> np.ndarray:
+    """PASCAL VOC's colours for class ids (bit-interleaved), (num_classes, 3) uint8."""
+    colours = np.zeros((max(num_classes, 256), 3), np.uint8)
+    for index in range(len(colours)):
+        value, shift = index, 7
+        while value:
+            for channel in range(3):
+                colours[index, channel] |= ((value >> channel) & 1) << shift
+            value >>= 3
+            shift -= 1
+    return colours
+
+
+def write_segmentation(out: str, path: str, pixels: np.ndarray, classes: np.ndarray) -> list[str]:
+    """`<stem>_classes.png` (class ids), `<stem>_mask.png` (colours) and `<stem>_overlay.png` under `out`."""
+    stem = os.path.join(out, os.path.splitext(os.path.basename(path))[0])
+    colours = colour_map(int(classes.max()) + 1)[classes]
+    overlay = (0.5 * pixels + 0.5 * colours).round().astype(np.uint8)
+    files = {f"{stem}_classes.png": classes, f"{stem}_mask.png": colours, f"{stem}_overlay.png": overlay}
+    for name, array in files.items():
+        Image.fromarray(array).save(name)
+    return list(files)
 
 
 @common.command
@@ -16,11 +45,17 @@ def main(argv: list[str]) -> None:
     flags.DEFINE_string("workdir", None, "workdir holding the checkpoint", flag_values=fv)
     flags.DEFINE_integer("checkpoint", None, "checkpoint step (default: the latest)", flag_values=fv)
     flags.DEFINE_string("labels", None, "class names, one per line, in class-index order", flag_values=fv)
-    flags.DEFINE_integer("top_k", 5, "classes to print per image", flag_values=fv)
+    flags.DEFINE_integer("top_k", 5, "classification: classes to print per image", flag_values=fv)
+    flags.DEFINE_string("out", None, "segmentation: directory for the PNGs of each image", flag_values=fv)
     images = common.parse(fv, argv)
     if fv.workdir is None or not images:
-        raise common.UsageError(f"usage: {argv[0]} --workdir DIR [--labels FILE] IMAGE...")
+        raise common.UsageError(f"usage: {argv[0]} --workdir DIR [--labels FILE] [--out DIR] IMAGE...")
     labels = inference.read_labels(fv.labels) if fv.labels else None
+    _, config = checkpoint.restore_config(fv.workdir, fv.checkpoint)
+    if config.task == "segmentation":
+        if fv.out is None:
+            raise common.UsageError("segmentation checkpoints need --out DIR for the predicted PNGs")
+        return _segment(fv, images, labels)
     config, model, variables = inference.load_classifier(fv.workdir, fv.checkpoint)
     pixels = np.stack([preprocessing.load_image(path, config.resolution) for path in images])
     probabilities = inference.classify(model, variables, pixels, config.model.preprocessing)
@@ -28,3 +63,21 @@ def main(argv: list[str]) -> None:
         print(path)
         for index, name, p in inference.top_k(probs, fv.top_k, labels):
             print(f"  {p:.4f}  {index:>5}  {name}")
+
+
+def _segment(fv, images: list[str], labels: list[str] | None) -> None:
+    config, model, variables = inference.load_model(fv.workdir, fv.checkpoint)
+    names = labels or list(config.data.class_names or ()) or [str(i) for i in range(config.model.num_classes)]
+    os.makedirs(fv.out, exist_ok=True)
+    size = config.eval_resolution or config.resolution
+    for path in images:
+        pixels = preprocessing.load_image_as_is(path)
+        classes = inference.segment(model, variables, pixels, size, config.model.preprocessing)
+        written = write_segmentation(fv.out, path, pixels, classes)
+        print(path)
+        counts = np.bincount(classes.ravel(), minlength=config.model.num_classes)
+        for index in np.argsort(-counts, kind="stable"):
+            if counts[index]:
+                name = names[index] if index < len(names) else str(index)
+                print(f"  {counts[index] / classes.size:.4f}  {index:>5}  {name}")
+        print("  wrote " + ", ".join(written))

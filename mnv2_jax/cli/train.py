@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int | None:
     common.parse(fv, argv)
     if fv.workdir is None:
         raise common.UsageError(f"usage: {argv[0]} --config CONFIG --workdir DIR")
-    config = common.load_config(config_flag, "train")
+    config = common.load_config(config_flag)
     common.setup_logging()
     from mnv2_jax.training import distributed, preemption, train
 

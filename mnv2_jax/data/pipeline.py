@@ -1,4 +1,7 @@
-"""tf.data input pipelines for image classification on any TFDS dataset or a local image folder.
+"""tf.data input pipelines for every task, on a TFDS dataset, a local image folder or a VOC-layout folder.
+
+What an example becomes (decoding, augmentation, targets) is the task's (`mnv2_jax.tasks`); this module reads,
+orders, shards, batches and pads.
 
 Training data is a deterministic function of (seed, position): each epoch is a
 seeded shuffle of this process's examples and every augmentation draws from a
@@ -24,10 +27,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mnv2_jax.data import image_folder, local_datasets, preprocessing
+from mnv2_jax import tasks
+from mnv2_jax.data import image_folder, local_datasets, voc
 from mnv2_jax.errors import UserError
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
+FILE_DATASETS = (tfds.folder_dataset.ImageFolder, voc.VocSegmentationFolder)  # read file by file, no sub-splits
 
 
 class DatasetError(UserError):
@@ -36,7 +41,7 @@ class DatasetError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    num_classes: int
+    num_classes: int | None  # None: the dataset does not say (VOC-layout folders: the config does)
     class_names: tuple[str, ...]
     split_sizes: dict[str, int]
 
@@ -52,7 +57,7 @@ def _hide_accelerators_from_tf() -> None:
 def get_builder(
     dataset: str, data_dir: str | None = None, prepare: bool = True, corrupt_images: str = "fail"
 ) -> tfds.core.DatasetBuilder:
-    """The TFDS builder for `dataset`: a registered TFDS name, or `imagefolder:<root>`.
+    """The TFDS builder for `dataset`: a registered TFDS name, `imagefolder:<root>` or `voc:<root>`.
 
     An image folder's files are all decoded once here; `corrupt_images` (`fail`
     or `skip`) says what to do with those that do not decode.
@@ -69,10 +74,12 @@ def get_builder(
                 f"dataset {dataset!r}: {root} is not a directory (expected root/<split>/<class>/<image>)"
             )
         return image_folder.CheckedImageFolder(root, corrupt_images)
+    if dataset.startswith(voc.PREFIX):
+        return voc.VocSegmentationFolder(os.path.expanduser(dataset[len(voc.PREFIX) :]))
     if dataset not in tfds.list_builders():
         raise DatasetError(
             f"dataset {dataset!r} is not a TFDS dataset; use a name from tfds.list_builders() "
-            f"(e.g. 'imagenet2012', 'cifar10', 'fashion_mnist') or '{IMAGEFOLDER_PREFIX}<root>'"
+            f"(e.g. 'imagenet2012', 'cifar10', 'fashion_mnist'), '{IMAGEFOLDER_PREFIX}<root>' or '{voc.PREFIX}<root>'"
         )
     builder = tfds.builder(dataset, data_dir=data_dir)
     if prepare and not _is_prepared(builder):
@@ -93,12 +100,12 @@ def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
 
 
 def dataset_info(builder: tfds.core.DatasetBuilder) -> DatasetInfo:
-    label = builder.info.features["label"]
-    return DatasetInfo(
-        num_classes=label.num_classes,
-        class_names=tuple(label.names),
-        split_sizes={name: split.num_examples for name, split in builder.info.splits.items()},
-    )
+    split_sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
+    features = {} if isinstance(builder, voc.VocSegmentationFolder) else dict(builder.info.features.items())
+    label = features.get("label")
+    if not hasattr(label, "num_classes"):
+        return DatasetInfo(num_classes=None, class_names=(), split_sizes=split_sizes)
+    return DatasetInfo(num_classes=label.num_classes, class_names=tuple(label.names), split_sizes=split_sizes)
 
 
 def check_split(builder: tfds.core.DatasetBuilder, split: str, field: str) -> int:
@@ -110,56 +117,30 @@ def check_split(builder: tfds.core.DatasetBuilder, split: str, field: str) -> in
 
 
 def process_examples(
-    builder: tfds.core.DatasetBuilder, split: str, process_index: int, process_count: int
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    process_index: int,
+    process_count: int,
+    features: tuple[str, ...] = ("image", "label"),
 ) -> tuple[tf.data.Dataset, int]:
-    """This process's share of `split` as undecoded `{'image': bytes, 'label'}` examples, and its size.
+    """This process's share of `split` as undecoded examples (their `features`; images as bytes), and its size.
 
     Shares are disjoint, cover the split, and differ in size by at most one.
     """
     total = builder.info.splits[split].num_examples
-    decoders = {"image": tfds.decode.SkipDecoding()}
-    if isinstance(builder, tfds.folder_dataset.ImageFolder):  # no sub-split API: take every n-th file
-        ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+    if isinstance(builder, FILE_DATASETS):  # no sub-split API: take every n-th file
+        if isinstance(builder, voc.VocSegmentationFolder):
+            ds = builder.as_dataset(split)
+        else:
+            ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
         ds = ds.shard(process_count, process_index)
         count = len(range(process_index, total, process_count))
     else:
         sub_split = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
+        decoders = {name: tfds.decode.SkipDecoding() for name in features if name in ("image", "segmentation_mask")}
         ds = builder.as_dataset(split=sub_split, shuffle_files=False, decoders=decoders)
         count = builder.info.splits[sub_split].num_examples
-    return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]}), count
-
-
-def _train_image(encoded: tf.Tensor, seed: tf.Tensor, resolution: int, data: ml_collections.ConfigDict) -> tf.Tensor:
-    """Random-area crop with aspect-ratio jitter (Inception style), resize, optional flip; pixels in [0, 255]."""
-    image = preprocessing.decode_image(encoded)
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image),
-        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=crop_seed,
-        min_object_covered=data.min_object_covered,
-        aspect_ratio_range=tuple(data.aspect_ratio_range),
-        area_range=tuple(data.area_range),
-        max_attempts=100,
-        use_image_if_no_bounding_boxes=True,
-    )
-    image = preprocessing.resize(tf.slice(image, begin, size), resolution)
-    if data.flip:
-        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    return image
-
-
-def eval_image(encoded: tf.Tensor, resolution: int, crop_fraction: float) -> tf.Tensor:
-    """Central crop of `crop_fraction` of each side, then resize; pixels in [0, 255]."""
-    image = preprocessing.decode_image(encoded)
-    if crop_fraction < 1.0:
-        image = tf.image.central_crop(image, crop_fraction)
-    return preprocessing.resize(image, resolution)
-
-
-def _model_input(image: tf.Tensor, label: tf.Tensor, config: ml_collections.ConfigDict) -> dict[str, tf.Tensor]:
-    """Pixels in [0, 255] -> the model's input; labels as int32."""
-    return {"image": preprocessing.normalize(image, config.model.preprocessing), "label": tf.cast(label, tf.int32)}
+    return ds.map(lambda ex: {name: ex[name] for name in features}), count
 
 
 def train_iterator(
@@ -170,12 +151,13 @@ def train_iterator(
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless training batches `{'image': float32 NHWC (normalised), 'label': int32}`.
+    """Endless training batches of the task's examples (`image`: float32 NHWC, normalised; the targets).
 
     The stream starts after the first `start_example` examples of this
     process's stream (its saved position).
     """
-    examples, count = process_examples(builder, config.train_split, process_index, process_count)
+    task = tasks.get(config)
+    examples, count = process_examples(builder, config.train_split, process_index, process_count, task.features)
     if count < local_batch_size:
         raise DatasetError(
             f"train_split={config.train_split!r} has {count} examples on this process, "
@@ -194,8 +176,7 @@ def train_iterator(
     stream = tf.data.Dataset.range(start_example // count, 2**62).flat_map(epoch).skip(start_example % count)
 
     def prepare(position, ex):
-        image = _train_image(ex["image"], tf.stack([tf.cast(seed, tf.int64), position]), config.resolution, data)
-        return _model_input(image, ex["label"], config)
+        return task.train_example(ex, tf.stack([tf.cast(seed, tf.int64), position]))
 
     ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(data.prefetch or tf.data.AUTOTUNE)
@@ -210,23 +191,18 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> tuple[tf.data.Dataset, int]:
-    """Padded eval batches `{'image', 'label', 'mask'}` and their number (equal on every process)."""
+    """Padded eval batches (the task's examples plus `mask`, False for padding) and their number (equal on every
+    process)."""
+    task = tasks.get(config)
     total = builder.info.splits[config.eval_split].num_examples
     steps = math.ceil(math.ceil(total / process_count) / local_batch_size)
-    examples, _ = process_examples(builder, config.eval_split, process_index, process_count)
+    examples, _ = process_examples(builder, config.eval_split, process_index, process_count, task.features)
 
     def prepare(ex):
-        image = eval_image(ex["image"], config.resolution, config.data.eval_crop)
-        return {**_model_input(image, ex["label"], config), "mask": tf.constant(True)}
+        return {**task.eval_example(ex), "mask": tf.constant(True)}
 
     ds = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    padding = tf.data.Dataset.from_tensors(
-        {
-            "image": tf.zeros((config.resolution, config.resolution, 3), tf.float32),
-            "label": tf.constant(0, tf.int32),
-            "mask": tf.constant(False),
-        }
-    ).repeat()
+    padding = tf.data.Dataset.from_tensors({**task.padding_example(), "mask": tf.constant(False)}).repeat()
     ds = ds.concatenate(padding).take(steps * local_batch_size).batch(local_batch_size)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options()), steps
 

@@ -37,11 +37,15 @@ def resize(image: tf.Tensor, resolution: int) -> tf.Tensor:
     return tf.image.resize(tf.cast(image, tf.float32), (resolution, resolution), method="bilinear")
 
 
-def load_image(path: str, resolution: int, channels: int = 3) -> np.ndarray:
-    """Reads an image file, decodes it and resizes it; returns float32 HWC pixels in [0, 255]."""
+def load_image_as_is(path: str, channels: int = 3) -> np.ndarray:
+    """Reads and decodes an image file at its own size; returns float32 HWC pixels in [0, 255]."""
     try:
-        data = tf.io.read_file(path)
-        image = decode_image(data, channels)
+        image = decode_image(tf.io.read_file(path), channels)
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
         raise UserError(f"cannot read image {path}: {e.message.splitlines()[0]}") from None
-    return resize(image, resolution).numpy()
+    return image.numpy().astype(np.float32)
+
+
+def load_image(path: str, resolution: int, channels: int = 3) -> np.ndarray:
+    """Reads an image file, decodes it and resizes it; returns float32 HWC pixels in [0, 255]."""
+    return resize(load_image_as_is(path, channels), resolution).numpy()

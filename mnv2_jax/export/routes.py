@@ -14,14 +14,16 @@ import ml_collections
 import numpy as np
 
 from mnv2_jax import config as config_lib
+from mnv2_jax import tasks
 from mnv2_jax.convert import ConversionError, keras_applications, pytorch
 from mnv2_jax.convert.layout import export_tensors, model_layers
 from mnv2_jax.data import preprocessing
 from mnv2_jax.export import INPUT_NAME, OUTPUT_NAME
 from mnv2_jax.export.files import atomic_output, write_json
-from mnv2_jax.models import MobileNetV2, build_model
+from mnv2_jax.models import MobileDeepLabV3, MobileNetV2
 
 FORMATS = ("tflite", "tflite-int8", "onnx", "savedmodel", "torch", "safetensors", "keras")
+TASK_FORMATS = ("tflite", "tflite-int8", "onnx", "savedmodel")  # any task; the others are other frameworks' classifiers
 DEFAULT_CALIBRATION_IMAGES = 100
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -40,9 +42,16 @@ def metadata_path(out: str) -> str:
     return os.path.abspath(out).rstrip(os.sep) + ".metadata.json"
 
 
-def export_model(config: ml_collections.ConfigDict) -> MobileNetV2:
-    """The inference model for exports: native convolution ops (grouped depthwise, 1x1 conv), float32."""
-    return build_model(config.model, depthwise="grouped", pointwise="conv", regular_conv="conv", dtype="float32")
+def export_model(config: ml_collections.ConfigDict) -> MobileNetV2 | MobileDeepLabV3:
+    """The task's inference model for exports: native convolution ops (grouped depthwise, 1x1 conv), float32."""
+    return tasks.get(config).build_model(depthwise="grouped", pointwise="conv", regular_conv="conv", dtype="float32")
+
+
+def output_shape(config: ml_collections.ConfigDict, batch: int | None) -> list[int | None]:
+    """The exported model's output: logits per image, or per pixel at the input's size (segmentation)."""
+    if config.task == "segmentation":
+        return [batch, config.resolution, config.resolution, config.model.num_classes]
+    return [batch, config.model.num_classes]
 
 
 def as_float32(variables: Any) -> dict[str, Any]:
@@ -59,6 +68,8 @@ def check_before_export(config: ml_collections.ConfigDict, fmt: str, out: str, o
         raise ConversionError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if not config.model.num_classes:
         raise ConversionError("export needs a classifier; the config has model.num_classes=0 (a backbone)")
+    if config.task != "classification" and fmt not in TASK_FORMATS:
+        raise ConversionError(f"--format {fmt} holds classifiers only; task={config.task!r} exports as {TASK_FORMATS}")
     if fmt in ("torch", "safetensors"):
         layout = torch_layout(config, options)
         check_standard_architecture(config.model, f"{layout}'s MobileNetV2")
@@ -116,6 +127,12 @@ def _preprocessing_metadata(mode: str) -> dict[str, Any]:
     }
 
 
+def _output_meaning(config: ml_collections.ConfigDict) -> str:
+    if config.task == "segmentation":
+        return "per-pixel class logits (NHWC) at the input's size; the class of a pixel is their argmax"
+    return "class logits; softmax gives the class probabilities"
+
+
 def _class_names(config: ml_collections.ConfigDict, names: Sequence[str] | None) -> list[str] | None:
     if names is not None:
         return list(names)
@@ -125,7 +142,8 @@ def _class_names(config: ml_collections.ConfigDict, names: Sequence[str] | None)
         info = pipeline.dataset_info(pipeline.builder_for(config, prepare=False))
     except Exception:  # class names are a convenience: the dataset may not be on this machine
         return None
-    return list(info.class_names) if len(info.class_names) == config.model.num_classes else None
+    names = info.class_names or tuple(config.data.class_names or ())
+    return list(names) if len(names) == config.model.num_classes else None
 
 
 def export(
@@ -136,7 +154,7 @@ def export(
     options: ExportOptions = ExportOptions(),
     source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Writes `variables` of `config`'s classifier as `fmt` to `out` (atomically) and its metadata beside it."""
+    """Writes `variables` of `config`'s model as `fmt` to `out` (atomically) and its metadata beside it."""
     check_before_export(config, fmt, out, options)
     variables = as_float32(variables)
     resolution = config.resolution
@@ -146,7 +164,7 @@ def export(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "source": source or {},
         "input": {"name": INPUT_NAME, "shape": [None, resolution, resolution, 3], "layout": "NHWC", "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": [None, config.model.num_classes]},
+        "output": {"name": OUTPUT_NAME, "shape": output_shape(config, None), "meaning": _output_meaning(config)},
         "preprocessing": _preprocessing_metadata(config.model.preprocessing),
         "num_classes": config.model.num_classes,
         "class_names": _class_names(config, options.class_names),
@@ -193,7 +211,12 @@ def _write(config, variables, fmt: str, out: str, options: ExportOptions) -> dic
     metadata: dict[str, Any] = {
         "runtime": "ai_edge_litert.interpreter.Interpreter(model_path=path)",
         "input": {"name": INPUT_NAME, "shape": [1, resolution, resolution, 3], "layout": "NHWC", "dtype": dtype},
-        "output": {"name": OUTPUT_NAME, "shape": [1, config.model.num_classes], "dtype": dtype},
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": output_shape(config, 1),
+            "dtype": dtype,
+            "meaning": _output_meaning(config),
+        },
     }
     if representative is not None:
         metadata["quantization"] = quantization

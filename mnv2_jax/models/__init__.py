@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -17,12 +20,15 @@ __all__ = [
     "LayerSpec",
     "MobileDeepLabV3",
     "MobileNetV2",
+    "abstract_variables",
+    "backbone_of",
     "build",
     "build_model",
     "build_segmenter",
     "layer_specs",
     "make_divisible",
     "predict",
+    "with_backbone",
 ]
 
 
@@ -68,7 +74,7 @@ def build_segmenter(
         bn_momentum=segmentation.head_bn_momentum,
         bn_epsilon=segmentation.head_bn_epsilon,
     )
-    return MobileDeepLabV3(backbone, head)
+    return MobileDeepLabV3(backbone, head, fine_tune_batch_norm=segmentation.fine_tune_batch_norm)
 
 
 def build(config: ml_collections.ConfigDict, **overrides) -> MobileNetV2 | MobileDeepLabV3:
@@ -76,3 +82,19 @@ def build(config: ml_collections.ConfigDict, **overrides) -> MobileNetV2 | Mobil
     if config.task == "segmentation":
         return build_segmenter(config.model, config.segmentation, **overrides)
     return build_model(config.model, **overrides)
+
+
+def abstract_variables(model: nn.Module, resolution: int, in_channels: int = 3) -> dict[str, Any]:
+    """Shapes and dtypes of `model`'s variables for square inputs, without allocating them."""
+    images = jax.ShapeDtypeStruct((1, resolution, resolution, in_channels), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), images)
+
+
+def backbone_of(model: MobileNetV2 | MobileDeepLabV3) -> MobileNetV2:
+    """The MobileNetV2 inside a task's model (the classifier is its own backbone)."""
+    return model.backbone if isinstance(model, MobileDeepLabV3) else model
+
+
+def with_backbone(model: MobileNetV2 | MobileDeepLabV3, backbone: MobileNetV2) -> MobileNetV2 | MobileDeepLabV3:
+    """`model` with its MobileNetV2 replaced (e.g. by a clone with other inference settings)."""
+    return model.clone(backbone=backbone) if isinstance(model, MobileDeepLabV3) else backbone

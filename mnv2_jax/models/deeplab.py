@@ -104,6 +104,9 @@ class MobileDeepLabV3(nn.Module):
     backbone: MobileNetV2
     head: DeepLabHead
     align_corners: bool = True
+    # DeepLab's flag: False runs the backbone's batch norms on their stored statistics in training too (their
+    # scales and offsets still learn), as DeepLab advises below a batch of 12 and for folded imported weights.
+    fine_tune_batch_norm: bool = True
 
     def setup(self) -> None:
         if self.backbone.num_classes:
@@ -111,13 +114,21 @@ class MobileDeepLabV3(nn.Module):
         nn.share_scope(self, self.backbone)
         nn.share_scope(self, self.head)
 
+    @property
+    def conventions(self) -> Conventions:
+        return self.backbone.conventions
+
+    @property
+    def inference_chunk(self) -> int | None:
+        return self.backbone.inference_chunk
+
     @staticmethod
     def part_of(scope: str) -> str:
         """`backbone` or `head`, for a top-level parameter scope."""
         return "head" if scope in HEAD_SCOPES else "backbone"
 
     def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-        features, endpoints = self.backbone(images, train)
+        features, endpoints = self.backbone(images, train and self.fine_tune_batch_norm)
         logits = self.head(features, train)
         endpoints = {**endpoints, "features": features, "logits_features": logits}
         logits = resize_bilinear(logits, images.shape[1:3], self.align_corners)

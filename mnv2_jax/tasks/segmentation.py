@@ -1,4 +1,4 @@
-"""Semantic segmentation: the confusion matrix an evaluation accumulates, and the scores it gives.
+"""Semantic segmentation (Mobile DeepLabv3): the task, the confusion matrix an evaluation accumulates, its scores.
 
 The matrix is summed inside the compiled eval step over the whole (sharded) batch, so every device's and every
 host's pixels count; the host adds the batches' matrices in int64. Pixels whose label is `ignore_label` and
@@ -7,9 +7,18 @@ padded examples (`mask` 0) never count.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import tensorflow as tf
+
+from mnv2_jax.data import preprocessing, voc
+from mnv2_jax.data import segmentation as segmentation_data
+from mnv2_jax.models import MobileDeepLabV3, build_segmenter
+from mnv2_jax.tasks.base import Task
 
 IGNORE_LABEL = 255  # PASCAL VOC's "void": object borders and unlabelled pixels
 
@@ -48,3 +57,94 @@ def scores(confusion: np.ndarray) -> dict[str, float | list[float | None]]:
         "pixel_accuracy": float(true_positives.sum() / total) if total else 0.0,
         "per_class_iou": iou,
     }
+
+
+def pixel_cross_entropy(
+    logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE_LABEL
+) -> tuple[jax.Array, jax.Array]:
+    """Per-pixel softmax cross-entropy (0 where the label is `ignore_label` or outside the classes), and where the
+    label counts."""
+    valid = (labels != ignore_label) & (labels >= 0) & (labels < logits.shape[-1])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+    return jnp.where(valid, loss, 0.0), valid
+
+
+class Segmentation(Task):
+    """Mobile DeepLabv3: per-pixel softmax cross-entropy over labelled pixels (DeepLab's loss, on logits upsampled to
+    the input), mean IoU over the whole eval split; the best checkpoint by `eval/mIoU`."""
+
+    name = "segmentation"
+    features = ("image", "segmentation_mask")
+    best_metric = "eval/mIoU"
+    padding_label = IGNORE_LABEL
+
+    def label_shape(self, resolution: int) -> tuple[int, ...]:
+        return (resolution, resolution)
+
+    def build_model(self, **overrides: Any) -> MobileDeepLabV3:
+        return build_segmenter(self.config.model, self.config.segmentation, **overrides)
+
+    def _model_input(self, image: tf.Tensor, mask: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {
+            "image": preprocessing.normalize(image, self.config.model.preprocessing),
+            "label": tf.cast(mask, tf.int32),
+        }
+
+    def train_example(self, example, seed):
+        data = self.config.data
+        image, mask = segmentation_data.random_scale_crop_flip(
+            preprocessing.decode_image(example["image"]),
+            voc.decode_mask(example["segmentation_mask"]),
+            seed,
+            self.config.resolution,
+            tuple(data.scale_range),
+            data.scale_step,
+            data.flip,
+            IGNORE_LABEL,
+        )
+        return self._model_input(image, mask)
+
+    def eval_example(self, example):
+        image, mask = segmentation_data.fit_and_pad(
+            preprocessing.decode_image(example["image"]),
+            voc.decode_mask(example["segmentation_mask"]),
+            self.eval_resolution,
+            IGNORE_LABEL,
+        )
+        return self._model_input(image, mask)
+
+    def loss(self, logits, batch):
+        loss, valid = pixel_cross_entropy(logits, batch["label"])
+        pixels = jnp.maximum(jnp.sum(valid), 1)
+        correct = (jnp.argmax(logits, axis=-1) == batch["label"]) & valid
+        return jnp.sum(loss) / pixels, {"train/pixel_accuracy": jnp.sum(correct) / pixels}
+
+    def eval_sums(self, logits, batch):
+        mask = batch["mask"]
+        loss, valid = pixel_cross_entropy(logits, batch["label"])
+        valid &= mask.astype(bool)[:, None, None]
+        predictions = jnp.argmax(logits, axis=-1)
+        return {
+            "confusion": confusion_matrix(batch["label"], predictions, mask, self.num_classes),
+            "loss": jnp.sum(jnp.where(valid, loss, 0.0)),
+            "pixels": jnp.sum(valid.astype(jnp.int32)),
+            "count": jnp.sum(mask.astype(jnp.float32)),
+        }
+
+    def class_names(self) -> tuple[str, ...]:
+        names = tuple(self.config.data.class_names or ())
+        return names if len(names) == self.num_classes else tuple(str(i) for i in range(self.num_classes))
+
+    def eval_results(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
+        result = scores(totals["confusion"])
+        metrics = {
+            "eval/mIoU": result["mIoU"],
+            "eval/pixel_accuracy": result["pixel_accuracy"],
+            "eval/loss": float(totals["loss"]) / max(int(totals["pixels"]), 1),
+            "eval/pixels": float(totals["pixels"]),  # the labelled pixels counted (each once)
+            "eval/count": float(totals["count"]),
+        }
+        for name, iou in zip(self.class_names(), result["per_class_iou"], strict=True):
+            if iou is not None:
+                metrics[f"eval/iou/{name}"] = iou
+        return metrics

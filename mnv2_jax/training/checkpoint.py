@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -149,9 +148,9 @@ def discard_incomplete(workdir: str) -> list[str]:
     return incomplete
 
 
-def _leaves_by_name(tree: Any) -> dict[str, Any]:
-    """Leaves keyed by a path string that does not depend on container types (orbax metadata turns
-    namedtuples into dicts or lists)."""
+def path_name(path: tuple) -> str:
+    """A tree path as `a/b/c`, the same whatever the containers (orbax metadata turns namedtuples into dicts or
+    lists)."""
 
     def part(key) -> str:
         for attr in ("key", "idx", "name"):
@@ -159,11 +158,16 @@ def _leaves_by_name(tree: Any) -> dict[str, Any]:
                 return str(getattr(key, attr))
         return str(key)
 
-    return {"/".join(part(k) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return "/".join(part(k) for k in path)
+
+
+def leaves_by_name(tree: Any) -> dict[str, Any]:
+    """Leaves keyed by `path_name`."""
+    return {path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _shape_mismatches(target: Any, saved: Any) -> list[str]:
-    target_leaves, saved_leaves = _leaves_by_name(target), _leaves_by_name(saved)
+    target_leaves, saved_leaves = leaves_by_name(target), leaves_by_name(saved)
     problems = []
     for path in sorted(set(target_leaves) | set(saved_leaves)):
         name = f" {path}"
@@ -204,6 +208,22 @@ def restore(workdir: str, targets: Mapping[str, Any], step: int | None = None) -
     return step, {name: restored[name] for name in targets}
 
 
+def restore_as_saved(
+    workdir: str, names: tuple[str, ...], sharding: jax.sharding.Sharding, step: int | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Items `names` of a checkpoint with the shapes they were saved with, whatever model reads them."""
+    with manager(workdir, items=names) as mngr:
+        step = _resolve_step(mngr, workdir, step)
+        metadata = mngr.item_metadata(step)
+        missing = [name for name in names if metadata.get(name, None) is None]
+        if missing:
+            raise CheckpointError(f"checkpoint step {step} in {checkpoint_dir(workdir)} has no {', '.join(missing)}")
+        targets = {name: abstract_like(metadata[name], sharding) for name in names}
+        args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
+        restored = mngr.restore(step, args=ocp.args.Composite(**args))
+    return step, {name: restored[name] for name in names}
+
+
 def restore_model_variables(
     workdir: str, abstract_variables: Mapping[str, Any], sharding: jax.sharding.Sharding, step: int | None = None
 ) -> tuple[int, dict[str, Any]]:
@@ -223,4 +243,4 @@ def restore_model_variables(
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     """`jax.ShapeDtypeStruct`s of `tree`'s leaves with one sharding for all (e.g. replicated)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding), tree)

@@ -6,11 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from mnv2_jax.models import MobileNetV2, predict
+from mnv2_jax.models import predict
 from mnv2_jax.training.optim import ema_decay_at
 
 
@@ -29,9 +30,10 @@ class TrainState:
 
 
 def create_train_state(
-    model: MobileNetV2, tx: optax.GradientTransformation, rng: jax.Array, resolution: int, use_ema: bool
+    model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, input_shape: tuple[int, ...], use_ema: bool
 ) -> TrainState:
-    variables = model.init(rng, jnp.zeros((1, resolution, resolution, 3), model.conventions.param_dtype))
+    """Initial parameters, batch statistics, optimizer state and EMA for inputs of `input_shape`."""
+    variables = model.init(rng, jnp.zeros(input_shape, model.conventions.param_dtype))
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -42,29 +44,19 @@ def create_train_state(
     )
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
-    """Per-example softmax cross-entropy with label smoothing."""
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else None
-    if targets is None:
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return optax.softmax_cross_entropy(logits, targets)
-
-
-def correct_top_k(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """1.0 where the label is among the k largest logits (ties broken towards the label's favour)."""
-    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-    return (jnp.sum(logits > label_logit, axis=-1) < k).astype(jnp.float32)
+LossFn = Callable[[jax.Array, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def make_train_step(
-    model: MobileNetV2,
+    model: nn.Module,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
-    num_classes: int,
-    label_smoothing: float,
+    task_loss: LossFn,
     ema_decay: float | None,
     rng: jax.Array,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """One optimizer step on the task's loss (`task_loss(logits, batch) -> (loss, train metrics)`)."""
+
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         dropout_rng = jax.random.fold_in(rng, state.step)
 
@@ -76,10 +68,10 @@ def make_train_step(
                 rngs={"dropout": dropout_rng},
                 mutable=["batch_stats"],
             )
-            loss = jnp.mean(cross_entropy(logits, batch["label"], num_classes, label_smoothing))
-            return loss, (logits, updates["batch_stats"])
+            loss, task_metrics = task_loss(logits, batch)
+            return loss, (task_metrics, updates["batch_stats"])
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (task_metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = state.ema_params
@@ -92,7 +84,7 @@ def make_train_step(
         keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         metrics = {
             "train/loss": loss,
-            "train/top1": jnp.mean(correct_top_k(logits, batch["label"], 1)),
+            **task_metrics,
             "train/lr": schedule(state.step),
             "train/grad_norm": grad_norm,
             "train/nonfinite": 1 - finite.astype(jnp.int32),
@@ -109,22 +101,18 @@ def make_train_step(
     return train_step
 
 
+EvalSumsFn = Callable[[jax.Array, dict[str, jax.Array]], dict[str, jax.Array]]
+
+
 def make_eval_step(
-    model: MobileNetV2, num_classes: int, batch_shards: int = 1
+    model: nn.Module, eval_sums: EvalSumsFn, batch_shards: int = 1
 ) -> Callable[[dict, dict], dict[str, jax.Array]]:
-    """Sums over the batch of loss, top-1/top-5 hits and the example count, masked (padding counts 0).
+    """The task's `eval_sums` of the model's inference logits on a padded batch.
 
     `batch_shards`: the devices the batch is split over (see `models.predict`).
     """
 
     def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        logits = predict(model, variables, batch["image"], batch_shards)
-        mask = batch["mask"].astype(jnp.float32)
-        return {
-            "loss": jnp.sum(cross_entropy(logits, batch["label"], num_classes) * mask),
-            "top1": jnp.sum(correct_top_k(logits, batch["label"], 1) * mask),
-            "top5": jnp.sum(correct_top_k(logits, batch["label"], min(5, num_classes)) * mask),
-            "count": jnp.sum(mask),
-        }
+        return eval_sums(predict(model, variables, batch["image"], batch_shards), batch)
 
     return eval_step

@@ -26,12 +26,11 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from mnv2_jax import config as config_lib
-from mnv2_jax import inference
+from mnv2_jax import models, tasks
 from mnv2_jax.config import ConfigError
 from mnv2_jax.data import pipeline
 from mnv2_jax.errors import UserError
-from mnv2_jax.models import MobileNetV2, build_model
-from mnv2_jax.training import checkpoint, distributed, metrics, optim, preemption, steps
+from mnv2_jax.training import checkpoint, distributed, metrics, optim, preemption, steps, transfer
 from mnv2_jax.training import plan as plan_lib
 
 STATE_ITEMS = ("params", "batch_stats", "opt_state", "ema_params")
@@ -40,7 +39,10 @@ STATE_ITEMS = ("params", "batch_stats", "opt_state", "ema_params")
 def resolve_num_classes(config: ml_collections.ConfigDict, info: pipeline.DatasetInfo) -> ml_collections.ConfigDict:
     """A copy of the config with `model.num_classes` taken from the dataset when unset; checks it otherwise."""
     config = ml_collections.ConfigDict(config.to_dict())
-    if config.model.num_classes is None:
+    if info.num_classes is None:  # the dataset does not say (voc:<root>): the config must
+        if config.model.num_classes is None:
+            raise ConfigError(f"dataset {config.dataset!r} does not name its classes; set model.num_classes")
+    elif config.model.num_classes is None:
         config.model.num_classes = info.num_classes
     elif config.model.num_classes != info.num_classes:
         raise ConfigError(
@@ -62,12 +64,13 @@ def open_dataset(config: ml_collections.ConfigDict):
     return builder
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict, best_metric: str) -> ocp.CheckpointManager:
+    """Keeps the last `config.keep_checkpoints` checkpoints and the best one by `best_metric` (higher is better)."""
     policy = preservation_policy.AnyPreservationPolicy(
         [
             preservation_policy.LatestN(n=config.keep_checkpoints),
             preservation_policy.BestN(
-                get_metric_fn=lambda m: m["eval/top1"], n=1, keep_checkpoints_without_metrics=False
+                get_metric_fn=lambda m: m[best_metric], n=1, keep_checkpoints_without_metrics=False
             ),
         ]
     )
@@ -139,19 +142,6 @@ def _saved_data_position(workdir: str, step: int, plan: plan_lib.Plan, process_c
     return position["examples_per_process"]
 
 
-def _initialise_from(state: steps.TrainState, source_workdir: str, sharding) -> steps.TrainState:
-    """Takes params and batch statistics (not the optimizer state) from another run's latest checkpoint."""
-    targets = {
-        "params": checkpoint.abstract_like(state.params, sharding),
-        "batch_stats": checkpoint.abstract_like(state.batch_stats, sharding),
-    }
-    step, items = checkpoint.restore(source_workdir, targets)
-    logging.info("initialised params and batch statistics from %s (step %d)", source_workdir, step)
-    # The EMA starts at the loaded weights, in its own buffers: the train step donates both.
-    ema = None if state.ema_params is None else jax.tree.map(lambda a: a.copy(), items["params"])
-    return state.replace(params=items["params"], batch_stats=items["batch_stats"], ema_params=ema)
-
-
 def evaluate(
     eval_step,
     variables: dict[str, Any],
@@ -160,7 +150,7 @@ def evaluate(
     local_batch_size: int,
     mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
-    """Loss, top-1 and top-5 over every example of the eval split (padding masked out)."""
+    """The task's eval metrics over every example of the eval split (padding masked out)."""
     batches, _ = pipeline.eval_batches(
         builder,
         config,
@@ -172,14 +162,7 @@ def evaluate(
     for local in batches.as_numpy_iterator():
         sums = eval_step(variables, distributed.global_batch(local, mesh))
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    totals = distributed.to_host(totals)
-    count = float(totals["count"])
-    return {
-        "eval/loss": float(totals["loss"]) / count,
-        "eval/top1": float(totals["top1"]) / count,
-        "eval/top5": float(totals["top5"]) / count,
-        "eval/count": count,
-    }
+    return tasks.get(config).eval_results(distributed.to_host(totals))
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -193,9 +176,10 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
-    """The model, optimizer and compiled steps of one run on one mesh."""
+    """The task, model, optimizer and compiled steps of one run on one mesh."""
 
-    model: MobileNetV2
+    task: tasks.Task
+    model: Any
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     create_state: Callable[[jax.Array], steps.TrainState]  # rng -> initial state
@@ -203,17 +187,19 @@ class Trainer:
     eval_step: Callable  # (variables, global batch) -> sums
 
 
-def jit_eval_step(model: MobileNetV2, num_classes: int, mesh: jax.sharding.Mesh) -> Callable:
+def jit_eval_step(task: tasks.Task, model, mesh: jax.sharding.Mesh) -> Callable:
+    """The task's eval step of `model` on `mesh`: (replicated variables, sharded batch) -> replicated sums."""
     return jax.jit(
-        steps.make_eval_step(model, num_classes, mesh.size),
+        steps.make_eval_step(model, task.eval_sums, mesh.size),
         in_shardings=(distributed.replicated(mesh), distributed.batch_sharded(mesh)),
         out_shardings=distributed.replicated(mesh),
     )
 
 
 def build_trainer(config: ml_collections.ConfigDict, plan: plan_lib.Plan, mesh: jax.sharding.Mesh) -> Trainer:
-    """Model, optimizer and the jitted train/eval steps (state replicated, batch sharded on `data`)."""
-    model = build_model(config.model)
+    """Task, model, optimizer and the jitted train/eval steps (state replicated, batch sharded on `data`)."""
+    task = tasks.get(config)
+    model = task.build_model()
     tx = optim.make_optimizer(config, plan)
     schedule = optim.learning_rate_schedule(config, plan)
     dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -223,8 +209,7 @@ def build_trainer(config: ml_collections.ConfigDict, plan: plan_lib.Plan, mesh: 
             model,
             tx,
             schedule,
-            config.model.num_classes,
-            config.optimizer.label_smoothing,
+            task.loss,
             config.optimizer.ema_decay,
             dropout_rng,
         ),
@@ -236,10 +221,10 @@ def build_trainer(config: ml_collections.ConfigDict, plan: plan_lib.Plan, mesh: 
         steps.create_train_state,
         model,
         tx,
-        resolution=config.resolution,
+        input_shape=task.input_shape(1),
         use_ema=config.optimizer.ema_decay is not None,
     )
-    return Trainer(model, tx, schedule, create_state, train_step, jit_eval_step(model, config.model.num_classes, mesh))
+    return Trainer(task, model, tx, schedule, create_state, train_step, jit_eval_step(task, model, mesh))
 
 
 def restore_train_state(workdir: str, trainer: Trainer, mesh: jax.sharding.Mesh, step: int) -> steps.TrainState:
@@ -275,7 +260,7 @@ def train_and_evaluate(
         checkpoint.discard_incomplete(workdir)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("mnv2: incomplete checkpoints removed")
-    mngr = checkpoint_manager(workdir, config)
+    mngr = checkpoint_manager(workdir, config, trainer.task.best_metric)
     latest = mngr.latest_step()
     start_example = 0  # position of this process's training stream
     if latest is not None:
@@ -285,7 +270,7 @@ def train_and_evaluate(
     else:
         state = jax.jit(trainer.create_state, out_shardings=replicated)(init_rng)
         if config.init_from:
-            state = _initialise_from(state, config.init_from, replicated)
+            state, _ = transfer.initialise_from(state, config.init_from, replicated)
     start_step = int(distributed.to_host(state.step))
 
     writer = metrics.create_writer(workdir)
@@ -373,20 +358,29 @@ def train_and_evaluate(
 
 
 def evaluate_checkpoint(
-    workdir: str, step: int | None = None, devices: list[jax.Device] | None = None
+    workdir: str,
+    step: int | None = None,
+    devices: list[jax.Device] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> tuple[int, dict[str, float]]:
-    """Evaluates a checkpoint of `workdir` (the latest by default) on its config's full eval split."""
+    """Evaluates a checkpoint of `workdir` (the latest by default) on its config's full eval split, or with the
+    data fields in `overrides` (e.g. `dataset`, `eval_split`) changed."""
     step, config = checkpoint.restore_config(workdir, step)
-    config_lib.require_task(config, ("classification",), f"evaluating {workdir}")
+    if overrides:
+        with config.ignore_type():
+            config.update(overrides)
+        config_lib.validate(config)
     mesh = distributed.make_mesh(devices)
     builder = open_dataset(config)
     pipeline.check_split(builder, config.eval_split, "eval_split")
+    resolve_num_classes(config, pipeline.dataset_info(builder))  # the model's classes must be the data's
     plan_lib.check_divisible("eval_batch_size", config.eval_batch_size, mesh.size, distributed.mesh_process_count(mesh))
-    model = build_model(config.model)
+    task = tasks.get(config)
+    model = task.build_model()
     replicated = distributed.replicated(mesh)
-    abstract = inference.abstract_variables(model, config.resolution)
+    abstract = models.abstract_variables(model, config.resolution)
     step, variables = checkpoint.restore_model_variables(workdir, abstract, replicated, step)
-    eval_step = jit_eval_step(model, config.model.num_classes, mesh)
+    eval_step = jit_eval_step(task, model, mesh)
     local_batch = config.eval_batch_size // distributed.mesh_process_count(mesh)
     return step, evaluate(eval_step, variables, builder, config, local_batch, mesh)
 

@@ -34,7 +34,7 @@ def get_config(arg=None):
     arg = parse_arg(
         arg,
         root="../shared/data/camvid",
-        epochs=20.0,
+        epochs=32.0,
         width=1.0,
         resolution=241,
         eval_resolution=481,
@@ -78,6 +78,6 @@ def get_config(arg=None):
     opt.weight_decay = 1e-4
 
     config.log_every_steps = 20
-    config.eval_every_epochs = 5.0
+    config.eval_every_epochs = 8.0
     config.checkpoint_every_steps = 200
     return config

@@ -31,6 +31,7 @@ from mnv2_jax import bench
 from mnv2_jax.cli.main import main as mnv2
 from mnv2_jax.models import build_model, layers
 from mnv2_jax.tasks import classification
+from mnv2_jax.training import distributed, plan, train
 
 IMPLEMENTATIONS = ("cpu_kernel", "shifted")  # the shifted form equals XLA's grouped one (tests/test_layers.py)
 TRAIN_IMPLEMENTATIONS = ("auto", "shifted")
@@ -71,6 +72,19 @@ def train_step_values_and_gradients(depthwise: str, run: bool = True) -> tuple[d
     return flat, calls_kernels
 
 
+def segmenter_train_step_calls_kernels() -> bool:
+    """Whether the segmenter's train step (the trainer's, with `model.depthwise=auto`) calls the C++ kernels; traced
+    only."""
+    config = train_helpers.tiny_config(task="segmentation")
+    config.model.dtype = "float32"
+    the_plan = plan.make_plan(config, 80, 8, 1, 1)
+    trainer = train.build_trainer(config, the_plan, distributed.make_mesh())
+    state = jax.eval_shape(trainer.create_state, jax.random.key(0))
+    images, labels = train_helpers.fixed_batch(config)
+    batch = {"image": images.astype(np.float32), "label": labels}
+    return "ffi_call" in str(jax.make_jaxpr(trainer.train_step)(state, batch))
+
+
 def bench_figures() -> dict[str, float]:
     step = bench.compile_step(tiny_float32_config(), "train", batch=8)
     figures = {"flops": step.flops, "xla_flops": bench._cost_flops(step.compiled), "flops_batch": step.batch}
@@ -89,6 +103,7 @@ def main() -> None:
         "inference": layers.resolve_depthwise("auto", train=False).__name__,
     }
     resolved["auto_calls_kernels"] = train_step_values_and_gradients("auto", run=False)[1]
+    resolved["segmenter_calls_kernels"] = segmenter_train_step_calls_kernels()
     for impl in IMPLEMENTATIONS:
         flat, calls_kernels = train_step_values_and_gradients(impl)
         np.savez(out / f"step_{impl}.npz", **flat)

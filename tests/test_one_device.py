@@ -38,6 +38,7 @@ def test_auto_trains_on_the_cpu_kernels_in_a_one_device_process(one_device_run):
     assert resolved["device_count"] == 1
     assert resolved["train"] == "depthwise_cpu_kernel" and resolved["inference"] == "depthwise_shifted"
     assert resolved["auto_calls_kernels"] and resolved["cpu_kernel_calls_kernels"]  # inside the compiled model
+    assert resolved["segmenter_calls_kernels"]  # the backbone's fast path under every task
     assert not resolved["shifted_calls_kernels"]
 
 

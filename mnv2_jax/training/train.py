@@ -236,41 +236,75 @@ def restore_train_state(workdir: str, trainer: Trainer, mesh: jax.sharding.Mesh,
     return abstract.replace(step=jax.numpy.asarray(step, jax.numpy.int32), **items)
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
-) -> dict[str, float]:
-    """Trains (resuming from `workdir` when it holds checkpoints), evaluates and checkpoints; returns the last eval."""
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What a training run is set up with before its first step: checked config, mesh, data, plan and trainer."""
+
+    config: ml_collections.ConfigDict  # validated, with the dataset's number of classes
+    mesh: jax.sharding.Mesh
+    builder: Any
+    plan: plan_lib.Plan
+    trainer: Trainer
+
+
+def prepare_run(config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None) -> Run:
+    """Every check that needs no compile (config, dataset, splits, batch divisibility, workdir), then the trainer."""
     config_lib.validate(config)
     mesh = distributed.make_mesh(devices)
-    process_index, process_count = distributed.mesh_process_index(mesh), distributed.mesh_process_count(mesh)
     builder = open_dataset(config)
     info = pipeline.dataset_info(builder)
     num_train = pipeline.check_split(builder, config.train_split, "train_split")
     num_eval = pipeline.check_split(builder, config.eval_split, "eval_split")
     config = resolve_num_classes(config, info)
-    plan = plan_lib.make_plan(config, num_train, num_eval, mesh.size, process_count)
+    plan = plan_lib.make_plan(config, num_train, num_eval, mesh.size, distributed.mesh_process_count(mesh))
     logging.info("plan: %s", plan)
     check_writable(workdir)
+    return Run(config, mesh, builder, plan, build_trainer(config, plan, mesh))
 
-    trainer = build_trainer(config, plan, mesh)
-    replicated = distributed.replicated(mesh)
-    init_rng = jax.random.key(config.seed)
+
+def initial_state(run: Run, workdir: str, mngr: ocp.CheckpointManager) -> tuple[steps.TrainState, int]:
+    """The state to start from (the latest checkpoint, else a new one, from `init_from` when set) and this process's
+    position in its training stream."""
+    latest = mngr.latest_step()
+    replicated = distributed.replicated(run.mesh)
+    if latest is not None:
+        state = restore_train_state(workdir, run.trainer, run.mesh, latest)
+        process_count = distributed.mesh_process_count(run.mesh)
+        logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), latest)
+        return state, _saved_data_position(workdir, latest, run.plan, process_count)
+    state = jax.jit(run.trainer.create_state, out_shardings=replicated)(jax.random.key(run.config.seed))
+    if run.config.init_from:
+        state, _ = transfer.initialise_from(state, run.config.init_from, replicated)
+    return state, 0
+
+
+def _progress_hooks(run: Run, writer, workdir: str) -> list:
+    """Process 0's progress report (steps/s, ETA) and, when asked, a profile."""
+    if jax.process_index() != 0:
+        return []
+    hooks = [periodic_actions.ReportProgress(num_train_steps=run.plan.total_steps, writer=writer, every_secs=30)]
+    if run.config.profile_steps:
+        first = run.config.log_every_steps
+        hooks.append(
+            periodic_actions.Profile(logdir=workdir, num_profile_steps=run.config.profile_steps, first_profile=first)
+        )
+    return hooks
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> dict[str, float]:
+    """Trains (resuming from `workdir` when it holds checkpoints), evaluates and checkpoints; returns the last eval."""
+    run = prepare_run(config, workdir, devices)
+    config, mesh, builder, plan, trainer = run.config, run.mesh, run.builder, run.plan, run.trainer
+    process_index, process_count = distributed.mesh_process_index(mesh), distributed.mesh_process_count(mesh)
 
     if jax.process_index() == 0:
         checkpoint.discard_incomplete(workdir)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("mnv2: incomplete checkpoints removed")
     mngr = checkpoint_manager(workdir, config, trainer.task.best_metric)
-    latest = mngr.latest_step()
-    start_example = 0  # position of this process's training stream
-    if latest is not None:
-        state = restore_train_state(workdir, trainer, mesh, latest)
-        start_example = _saved_data_position(workdir, latest, plan, process_count)
-        logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), latest)
-    else:
-        state = jax.jit(trainer.create_state, out_shardings=replicated)(init_rng)
-        if config.init_from:
-            state, _ = transfer.initialise_from(state, config.init_from, replicated)
+    state, start_example = initial_state(run, workdir, mngr)
     start_step = int(distributed.to_host(state.step))
 
     writer = metrics.create_writer(workdir)
@@ -286,15 +320,7 @@ def train_and_evaluate(
     train_batches = pipeline.train_iterator(
         builder, config, plan.local_batch_size, start_example, process_index, process_count
     )
-    hooks = []
-    if jax.process_index() == 0:
-        hooks.append(periodic_actions.ReportProgress(num_train_steps=plan.total_steps, writer=writer, every_secs=30))
-        if config.profile_steps:
-            hooks.append(
-                periodic_actions.Profile(
-                    logdir=workdir, num_profile_steps=config.profile_steps, first_profile=config.log_every_steps
-                )
-            )
+    hooks = _progress_hooks(run, writer, workdir)
 
     last_eval: dict[str, float] = {}
     pending: list[dict[str, jax.Array]] = []

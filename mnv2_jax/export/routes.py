@@ -136,6 +136,8 @@ def _output_meaning(config: ml_collections.ConfigDict) -> str:
 def _class_names(config: ml_collections.ConfigDict, names: Sequence[str] | None) -> list[str] | None:
     if names is not None:
         return list(names)
+    if config.data.class_names and len(config.data.class_names) == config.model.num_classes:
+        return list(config.data.class_names)
     try:
         from mnv2_jax.data import pipeline
 

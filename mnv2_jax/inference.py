@@ -17,9 +17,14 @@ from mnv2_jax.models import MobileNetV2, abstract_variables, predict
 from mnv2_jax.training import checkpoint
 
 
-def load_model(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, dict[str, Any]]:
-    """The config, the task's model and `{'params', 'batch_stats'}` of a checkpoint (the latest by default)."""
+def load_model(
+    workdir: str, step: int | None = None, tasks_served: tuple[str, ...] | None = None
+) -> tuple[ml_collections.ConfigDict, Any, dict[str, Any]]:
+    """The config, the task's model and `{'params', 'batch_stats'}` of a checkpoint (the latest by default);
+    `tasks_served`: the tasks the caller serves (checked before any weight is read)."""
     step, config = checkpoint.restore_config(workdir, step)
+    if tasks_served is not None:
+        config_lib.require_task(config, tasks_served, f"loading a {'/'.join(tasks_served)} model from {workdir}")
     model = tasks.get(config).build_model()
     abstract = abstract_variables(model, config.resolution)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -31,9 +36,7 @@ def load_classifier(
     workdir: str, step: int | None = None
 ) -> tuple[ml_collections.ConfigDict, MobileNetV2, dict[str, Any]]:
     """`load_model` for a classification workdir."""
-    _, config = checkpoint.restore_config(workdir, step)
-    config_lib.require_task(config, ("classification",), f"loading a classifier from {workdir}")
-    return load_model(workdir, step)
+    return load_model(workdir, step, ("classification",))
 
 
 def classify(model: MobileNetV2, variables: dict[str, Any], images: np.ndarray, preprocessing_mode: str) -> np.ndarray:
@@ -60,24 +63,28 @@ def top_k(probabilities: np.ndarray, k: int, labels: Sequence[str] | None = None
     return [(int(i), name(int(i)), float(probabilities[i])) for i in order]
 
 
-def segment(model, variables: dict[str, Any], image: np.ndarray, size: int, preprocessing_mode: str) -> np.ndarray:
-    """Class ids (uint8, height x width) of one float RGB image with pixel values in [0, 255], at its own size.
+def segment(
+    model, variables: dict[str, Any], images: Sequence[np.ndarray], size: int, preprocessing_mode: str
+) -> list[np.ndarray]:
+    """Class ids (uint8, height x width) of float RGB images with pixel values in [0, 255], each at its own size.
 
-    As in evaluation, an image larger than `size` is scaled down to fit, and it is padded to `size` x `size`;
-    the logits of the image's region are resized back to the image's size before the argmax.
+    As in evaluation, an image larger than `size` is scaled down to fit, and it is padded to `size` x `size`
+    (one compiled program for every image); the logits of the image's region are resized back to the image's
+    size before the argmax.
     """
     from mnv2_jax.data import segmentation
 
-    height, width = image.shape[:2]
-    scale = min(1.0, size / max(height, width))
-    fitted = (round(height * scale), round(width * scale))
-    dummy_mask = np.zeros((height, width), np.uint8)
-    padded, _ = segmentation.fit_and_pad(image, dummy_mask, size, 0)
-
     @jax.jit
-    def logits(variables, images):
-        return predict(model, variables, preprocessing.normalize(images, preprocessing_mode))
+    def logits(variables, padded):
+        return predict(model, variables, preprocessing.normalize(padded, preprocessing_mode))[0]
 
-    region = logits(variables, jnp.asarray(padded.numpy()[None], jnp.float32))[0, : fitted[0], : fitted[1]]
-    region = jax.image.resize(region, (height, width, region.shape[-1]), "bilinear")
-    return np.asarray(jnp.argmax(region, axis=-1), np.uint8)
+    results = []
+    for image in images:
+        height, width = image.shape[:2]
+        scale = min(1.0, size / max(height, width))
+        fitted = (round(height * scale), round(width * scale))
+        padded, _ = segmentation.fit_and_pad(image, np.zeros((height, width), np.uint8), size, 0)
+        region = logits(variables, jnp.asarray(padded.numpy()[None], jnp.float32))[: fitted[0], : fitted[1]]
+        region = jax.image.resize(region, (height, width, region.shape[-1]), "bilinear")
+        results.append(np.asarray(jnp.argmax(region, axis=-1), np.uint8))
+    return results

@@ -12,10 +12,9 @@ from PIL import Image
 from train_helpers import SHALLOW_STAGES, assert_bitwise_equal, saved_state
 
 from mnv2_jax import tasks
-from mnv2_jax.data import pipeline, voc
-from mnv2_jax.models import abstract_variables
+from mnv2_jax.data import voc
 from mnv2_jax.tasks.segmentation import IGNORE_LABEL
-from mnv2_jax.training import checkpoint, distributed, metrics, train, transfer
+from mnv2_jax.training import checkpoint, metrics, train, transfer
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("segmentation_run")]
 
@@ -165,17 +164,9 @@ def test_init_from_loads_the_backbone_and_says_what_it_loaded(segmentation_run, 
 def test_eval_on_any_device_count_counts_the_same_pixels(segmentation_run, voc_root):
     workdir, _ = segmentation_run
     reference = [r for r in metrics.read_metrics(str(workdir)) if "eval/mIoU" in r][-1]
-    for devices in (1, 3):
-        _, config = checkpoint.restore_config(str(workdir))
-        config.eval_batch_size = 6 if devices == 3 else 8
-        mesh = distributed.make_mesh(jax.devices()[:devices])
-        task = tasks.get(config)
-        model = task.build_model()
-        abstract = abstract_variables(model, config.resolution)
-        _, variables = checkpoint.restore_model_variables(str(workdir), abstract, distributed.replicated(mesh))
-        eval_step = train.jit_eval_step(task, model, mesh)
-        builder = pipeline.builder_for(config)
-        results = train.evaluate(eval_step, variables, builder, config, config.eval_batch_size, mesh)
+    for devices, batch in ((1, 8), (3, 6)):
+        overrides = {"eval_batch_size": batch}
+        _, results = train.evaluate_checkpoint(str(workdir), devices=jax.devices()[:devices], overrides=overrides)
         assert results["eval/pixels"] == reference["eval/pixels"] and results["eval/count"] == 5
         assert results["eval/mIoU"] == pytest.approx(reference["eval/mIoU"], abs=1e-9)
 

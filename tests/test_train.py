@@ -11,10 +11,7 @@ import pytest
 from conftest import REPO, WITHOUT_COMPILATION_CACHE, mnv2_command, one_device_environment, require
 from train_helpers import SHALLOW_STAGES, assert_bitwise_equal, path_names, saved_state
 
-from mnv2_jax import tasks
 from mnv2_jax.config import base_config
-from mnv2_jax.data import pipeline
-from mnv2_jax.models import abstract_variables
 from mnv2_jax.training import checkpoint, distributed, metrics, plan, train
 
 
@@ -239,15 +236,8 @@ def digits_imagefolder(sklearn_datasets, root):
 def test_eval_counts_every_example_once_on_any_device_count(folder, trained, devices):
     """13 eval examples, a global eval batch of 24: one padded batch, split over 1, 3 or 8 devices."""
     reference = next(r for r in metrics.read_metrics(str(trained)) if "eval/top1" in r)
-    config = _load(small_run_config_args(folder, eval_batch_size=24))
-    config.model.num_classes = 3
-    mesh = distributed.make_mesh(jax.devices()[:devices])
-    task = tasks.get(config)
-    model = task.build_model()
-    abstract = abstract_variables(model, config.resolution)
-    _, variables = checkpoint.restore_model_variables(str(trained), abstract, distributed.replicated(mesh))
-    eval_step = train.jit_eval_step(task, model, mesh)
-    results = train.evaluate(eval_step, variables, pipeline.get_builder(folder), config, 24, mesh)
+    devices_used = jax.devices()[:devices]
+    _, results = train.evaluate_checkpoint(str(trained), devices=devices_used, overrides={"eval_batch_size": 24})
     assert results["eval/count"] == 13
     assert results["eval/top1"] == pytest.approx(reference["eval/top1"])
     assert results["eval/loss"] == pytest.approx(reference["eval/loss"], rel=1e-4)

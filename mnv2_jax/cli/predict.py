@@ -65,14 +65,14 @@ def main(argv: list[str]) -> None:
             print(f"  {p:.4f}  {index:>5}  {name}")
 
 
-def _segment(fv, images: list[str], labels: list[str] | None) -> None:
-    config, model, variables = inference.load_model(fv.workdir, fv.checkpoint)
+def _segment(fv, paths: list[str], labels: list[str] | None) -> None:
+    config, model, variables = inference.load_model(fv.workdir, fv.checkpoint, ("segmentation",))
     names = labels or list(config.data.class_names or ()) or [str(i) for i in range(config.model.num_classes)]
     os.makedirs(fv.out, exist_ok=True)
+    images = [preprocessing.load_image_as_is(path) for path in paths]
     size = config.eval_resolution or config.resolution
-    for path in images:
-        pixels = preprocessing.load_image_as_is(path)
-        classes = inference.segment(model, variables, pixels, size, config.model.preprocessing)
+    all_classes = inference.segment(model, variables, images, size, config.model.preprocessing)
+    for path, pixels, classes in zip(paths, images, all_classes, strict=True):
         written = write_segmentation(fv.out, path, pixels, classes)
         print(path)
         counts = np.bincount(classes.ravel(), minlength=config.model.num_classes)

@@ -129,10 +129,7 @@ def process_examples(
     """
     total = builder.info.splits[split].num_examples
     if isinstance(builder, FILE_DATASETS):  # no sub-split API: take every n-th file
-        if isinstance(builder, voc.VocSegmentationFolder):
-            ds = builder.as_dataset(split)
-        else:
-            ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+        ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
         ds = ds.shard(process_count, process_index)
         count = len(range(process_index, total, process_count))
     else:

@@ -73,8 +73,9 @@ class VocSegmentationFolder:
             os.path.join(self.root, "SegmentationClass", f"{example_id}.png"),
         )
 
-    def as_dataset(self, split: str) -> tf.data.Dataset:
-        """The split's examples in file order: `{'image': JPEG bytes, 'segmentation_mask': PNG bytes}`."""
+    def as_dataset(self, split: str, shuffle_files: bool = False, decoders=None) -> tf.data.Dataset:
+        """The split's examples in file order: `{'image': JPEG bytes, 'segmentation_mask': PNG bytes}` (undecoded,
+        as TFDS gives them with `SkipDecoding`; the arguments are TFDS's, for one call site)."""
         images, masks = zip(*(self._paths(i) for i in self._ids[split]), strict=True) if self._ids[split] else ((), ())
         ds = tf.data.Dataset.from_tensor_slices({"image": list(images), "segmentation_mask": list(masks)})
         return ds.map(lambda paths: {k: tf.io.read_file(v) for k, v in paths.items()})

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 from configs_loader import load
-from conftest import REPO, WITHOUT_COMPILATION_CACHE, mnv2_command
+from conftest import REPO, WITHOUT_COMPILATION_CACHE, mnv2_command, xla_flags
 from datasets import synthetic_imagefolder
 from test_data import folder_with_corrupt_images
 from test_train import small_run_config_args
@@ -269,7 +269,7 @@ def test_a_dead_process_makes_the_others_fail_clearly_instead_of_hanging(tmp_pat
             "MNV2_PROCESS_ID": str(process),
             "MNV2_HEARTBEAT_TIMEOUT_S": "10",
             "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "XLA_FLAGS": xla_flags(2),
             **WITHOUT_COMPILATION_CACHE,
         }
         logs.append(tmp_path / f"process{process}.log")

@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, WITHOUT_COMPILATION_CACHE, mnv2_command, one_device_environment, require
+from conftest import REPO, WITHOUT_COMPILATION_CACHE, mnv2_command, one_device_environment, require, xla_flags
 from train_helpers import SHALLOW_STAGES, assert_bitwise_equal, path_names, saved_state
 
 from mnv2_jax.config import base_config
@@ -27,7 +27,7 @@ def run_one_step(tmp_path, meshes, runs, processes=1) -> dict[str, dict[str, np.
     out = tmp_path / f"{meshes}-{runs}-{processes}.npz"
     script = [sys.executable, str(REPO / "tests" / "one_step.py"), meshes, runs, str(out)]
     env = {**os.environ, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // processes}"
+    env["XLA_FLAGS"] = xla_flags(8 // processes)
     if processes > 1:
         launcher = [sys.executable, str(REPO / "launch" / "local.py"), f"--processes={processes}", "--timeout_s=240"]
         script = [*launcher, "--", *script]

@@ -257,3 +257,15 @@ def test_bfloat16_compute_keeps_float32_parameters():
     assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {np.dtype("float32")}
     assert {leaf.dtype for leaf in jax.tree.leaves(state.batch_stats)} == {np.dtype("float32")}
     assert np.isfinite(float(step_metrics["train/loss"]))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.int64])
+def test_global_batch_holds_the_values_of_a_reused_host_buffer(dtype):
+    """A loader that refills one host buffer gets a batch of the new values each time, also for the dtypes JAX narrows
+    (float64, int64 without x64: converting them in the transfer handed back the first batch's values again)."""
+    mesh = distributed.make_mesh()
+    buffer = np.zeros((mesh.size * 2, 4, 4, 3), dtype)
+    for value in range(1, 4):
+        buffer[3, 1, 2, 0] = value
+        batch = distributed.global_batch({"image": buffer}, mesh)
+        assert np.asarray(batch["image"])[3, 1, 2, 0] == value

@@ -111,6 +111,9 @@ def mesh_process_index(mesh: Mesh) -> int:
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assembles the global batch sharded on `data` from this process's slice of it."""
     sharding = batch_sharded(mesh)
+    # Host arrays of a dtype JAX narrows (float64 without x64) are converted here, not by the transfer: on CPU the
+    # transfer's own conversion can hand back an earlier array's values when the caller reuses its buffer.
+    local = {k: np.asarray(v, jax.dtypes.canonicalize_dtype(np.asarray(v).dtype)) for k, v in local.items()}
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 

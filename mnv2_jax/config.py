@@ -83,6 +83,10 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     seg.head_bn_momentum = 0.9997  # DeepLab's head batch norm (the backbone keeps model.bn_*)
     seg.head_bn_epsilon = 1e-5
     seg.fine_tune_batch_norm = True  # False: the backbone's BN keeps its stored statistics (small batches, imports)
+    # Evaluation and predict (DeepLab's multi-scale inference): the input at each scale, plus mirrored with eval_flip,
+    # class probabilities averaged; the paper's multi-scale row is (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) with flipping.
+    seg.eval_scales = (1.0,)
+    seg.eval_flip = False
 
     # Data: a TFDS dataset by name, `imagefolder:<root>` (classification) or `voc:<root>` (segmentation).
     config.dataset = "imagenet2012"
@@ -268,6 +272,10 @@ def validate_segmentation(config: ml_collections.ConfigDict) -> None:
     _check_range("segmentation.head_bn_momentum", seg.head_bn_momentum, 0.0, 1.0)
     _check_positive("segmentation.head_bn_epsilon", seg.head_bn_epsilon, float)
     _check_choice("segmentation.fine_tune_batch_norm", seg.fine_tune_batch_norm, (False, True))
+    scales = seg.eval_scales
+    if not isinstance(scales, tuple) or not scales or not all(_is_number(x) and 0.1 <= x <= 4 for x in scales):
+        raise ConfigError(f"segmentation.eval_scales must be a non-empty tuple of numbers in [0.1, 4], got {scales!r}")
+    _check_choice("segmentation.eval_flip", seg.eval_flip, (False, True))
 
 
 OPTIMIZERS = ("rmsprop", "sgd", "adamw")
@@ -275,6 +283,10 @@ NONFINITE_POLICIES = ("stop", "skip")
 CORRUPT_IMAGE_POLICIES = ("fail", "skip")  # image folders: see mnv2_jax.data.image_folder
 LR_SCALING = ("linear", "sqrt", "none")
 SCHEDULES = ("exponential", "cosine", "constant")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_range(field: str, value: Any, low: float, high: float, *, closed_high: bool = False) -> None:

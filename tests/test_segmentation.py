@@ -107,6 +107,35 @@ def test_bilinear_resizing_equals_tensorflows(in_size, out_size, align_corners):
     assert np.allclose(interpolation_matrix(in_size, out_size, align_corners).sum(axis=1), 1.0)
 
 
+def test_multi_scale_flipped_inference_is_deeplabs_average_of_probabilities():
+    """`segmentation.eval_scales` and `eval_flip` against DeepLab's `predict_labels_multi_scale` written out with
+    TF's resize_bilinear (corners aligned) around the single-scale model's feature-map logits."""
+    import tensorflow as tf
+
+    config = load("configs/deeplab_voc.py:width=0.5,resolution=33")
+    config.segmentation.eval_scales, config.segmentation.eval_flip = (0.5, 1.0, 1.75), True
+    multi = build(config, num_classes=4)
+    single = multi.clone(eval_scales=(1.0,), eval_flip=False)
+    images = jax.random.normal(jax.random.key(0), (2, 33, 33, 3))
+    variables = jax.jit(single.init)(jax.random.key(1), images)
+    log_probabilities, _ = jax.jit(multi.apply)(variables, images)
+    apply = jax.jit(single.apply)
+    expected = []
+    for side in (17, 33, 57):  # int((33 - 1) * scale + 1)
+        scaled = tf.compat.v1.image.resize_bilinear(np.asarray(images), (side, side), align_corners=True).numpy()
+        for flip in (False, True):
+            logits = np.asarray(apply(variables, scaled[:, :, ::-1] if flip else scaled)[1]["logits_features"])
+            logits = tf.compat.v1.image.resize_bilinear(logits[:, :, ::-1] if flip else logits, (33, 33), True)
+            expected.append(tf.nn.softmax(logits).numpy())
+    np.testing.assert_allclose(np.exp(log_probabilities), np.mean(expected, axis=0), rtol=1e-4, atol=1e-6)
+    # Training is single-scale either way.
+    train_logits = [
+        m.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})[0][0]
+        for m in (multi, single)
+    ]
+    np.testing.assert_array_equal(*train_logits)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -117,6 +146,7 @@ def test_bilinear_resizing_equals_tensorflows(in_size, out_size, align_corners):
         ),
         ("--config.segmentation.head_dropout_rate=1.0", "segmentation.head_dropout_rate must be in [0.0, 1.0)"),
         ("--config.task=detection", "task must be one of ('classification', 'segmentation'), got 'detection'"),
+        ("--config.segmentation.eval_scales=(0.0,)", "segmentation.eval_scales must be a non-empty tuple of numbers"),
     ],
 )
 def test_bad_segmentation_fields_are_one_line_errors(mnv2, override, message):

@@ -224,6 +224,20 @@ def test_eval_command_on_another_split_writes_its_own_metrics(segmentation_run, 
     assert status == 2 and "eval_split='test' is not a split of" in err
 
 
+def test_multi_scale_flipped_eval_counts_the_same_pixels_under_its_own_name(segmentation_run):
+    workdir, _ = segmentation_run
+    args = ["--config.segmentation.eval_scales=0.75,1.25", "--config.segmentation.eval_flip"]
+    status, err = run_mnv2("eval", "--workdir", workdir, *args)
+    assert status == 0, err[-3000:]
+    records = metrics.read_metrics(str(workdir))
+    single = [r for r in records if "eval/mIoU" in r][-1]
+    multi = [r for r in records if "eval_multiscale_flip/mIoU" in r]
+    assert len(multi) == 1 and multi[0]["eval_multiscale_flip/pixels"] == single["eval/pixels"]
+    assert 0 <= multi[0]["eval_multiscale_flip/mIoU"] <= 1
+    status, err = run_mnv2("eval", "--workdir", workdir, "--config.segmentation.eval_scales=0.5,big")
+    assert status == 2 and "--config.segmentation.eval_scales must be comma-separated numbers" in err
+
+
 @pytest.mark.parametrize("mode", ["train", "infer"])
 def test_bench_reports_a_segmenters_throughput_and_flops(mnv2, voc_root, mode):
     args = segmentation_args(f"voc:{voc_root}")

@@ -10,17 +10,37 @@ from absl import flags
 
 from mnv2_jax.cli import common
 
-# The fields of the saved config an evaluation may change: where the data comes from and how it is batched.
+# The fields of the saved config an evaluation may change: where the data comes from and how it is batched, and
+# a segmenter's multi-scale inference.
 DATA_FIELDS = {"dataset": str, "eval_split": str, "data_dir": str, "eval_batch_size": int, "eval_resolution": int}
+SCALES, FLIP = "segmentation.eval_scales", "segmentation.eval_flip"
 
 
 def metrics_prefix(overrides: dict) -> str:
-    """`eval` for the run's own eval split; `eval_<dataset>_<split>` for another, so the two never mix."""
-    if not {"dataset", "eval_split"} & overrides.keys():
-        return "eval"
+    """`eval` for the run's own eval split; `eval_<dataset>_<split>` for another, with `_multiscale` and `_flip`
+    for a segmenter's multi-scale inference, so that they never mix."""
+    segmentation = overrides.get("segmentation", {})
     dataset = os.path.basename(str(overrides.get("dataset", "")).rstrip("/").split(":")[-1])
-    name = "_".join(filter(None, (dataset, str(overrides.get("eval_split", "")))))
-    return "eval_" + re.sub(r"[^A-Za-z0-9_]+", "_", name)
+    parts = [dataset, str(overrides.get("eval_split", ""))]
+    parts += ["multiscale" if tuple(segmentation.get("eval_scales", (1.0,))) != (1.0,) else ""]
+    parts += ["flip" if segmentation.get("eval_flip") else ""]
+    name = "_".join(filter(None, parts))
+    return "eval_" + re.sub(r"[^A-Za-z0-9_]+", "_", name) if name else "eval"
+
+
+def inference_overrides(fv: flags.FlagValues) -> dict:
+    """`segmentation.eval_scales` and `eval_flip` from the command line, as a nested config update."""
+    overrides = {}
+    if fv[f"config.{SCALES}"].value is not None:
+        try:
+            overrides["eval_scales"] = tuple(float(scale) for scale in fv[f"config.{SCALES}"].value)
+        except ValueError:
+            raise common.UsageError(
+                f"--config.{SCALES} must be comma-separated numbers, got {','.join(fv[f'config.{SCALES}'].value)!r}"
+            ) from None
+    if fv[f"config.{FLIP}"].value is not None:
+        overrides["eval_flip"] = fv[f"config.{FLIP}"].value
+    return {"segmentation": overrides} if overrides else {}
 
 
 @common.command
@@ -31,10 +51,13 @@ def main(argv: list[str]) -> None:
     for field, kind in DATA_FIELDS.items():
         define = flags.DEFINE_integer if kind is int else flags.DEFINE_string
         define(f"config.{field}", None, f"evaluate with this {field} instead of the run's", flag_values=fv)
+    flags.DEFINE_list(f"config.{SCALES}", None, "segmenters: average over these scales, e.g. 0.5,1,1.5", flag_values=fv)
+    flags.DEFINE_boolean(f"config.{FLIP}", None, "segmenters: average in the mirrored inputs too", flag_values=fv)
     common.parse(fv, argv)
     if fv.workdir is None:
         raise common.UsageError(f"usage: {argv[0]} --workdir DIR [--checkpoint STEP] [--config.dataset=...]")
     overrides = {field: fv[f"config.{field}"].value for field in DATA_FIELDS if fv[f"config.{field}"].value is not None}
+    overrides.update(inference_overrides(fv))
     common.setup_logging()
     from mnv2_jax.training import distributed, train
 

@@ -74,7 +74,13 @@ def build_segmenter(
         bn_momentum=segmentation.head_bn_momentum,
         bn_epsilon=segmentation.head_bn_epsilon,
     )
-    return MobileDeepLabV3(backbone, head, fine_tune_batch_norm=segmentation.fine_tune_batch_norm)
+    return MobileDeepLabV3(
+        backbone,
+        head,
+        fine_tune_batch_norm=segmentation.fine_tune_batch_norm,
+        eval_scales=tuple(segmentation.eval_scales),
+        eval_flip=segmentation.eval_flip,
+    )
 
 
 def build(config: ml_collections.ConfigDict, **overrides) -> MobileNetV2 | MobileDeepLabV3:

@@ -107,6 +107,10 @@ class MobileDeepLabV3(nn.Module):
     # DeepLab's flag: False runs the backbone's batch norms on their stored statistics in training too (their
     # scales and offsets still learn), as DeepLab advises below a batch of 12 and for folded imported weights.
     fine_tune_batch_norm: bool = True
+    # Inference only (DeepLab's eval_scales and add_flipped_images): the network runs on the input rescaled by each
+    # scale, and on its mirror image too with `eval_flip`; the class probabilities are averaged.
+    eval_scales: tuple[float, ...] = (1.0,)
+    eval_flip: bool = False
 
     def setup(self) -> None:
         if self.backbone.num_classes:
@@ -127,10 +131,37 @@ class MobileDeepLabV3(nn.Module):
         """`backbone` or `head`, for a top-level parameter scope."""
         return "head" if scope in HEAD_SCOPES else "backbone"
 
-    def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+    @property
+    def multi_scale(self) -> bool:
+        return tuple(self.eval_scales) != (1.0,) or self.eval_flip
+
+    def _feature_logits(self, images: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
         features, endpoints = self.backbone(images, train and self.fine_tune_batch_norm)
         logits = self.head(features, train)
-        endpoints = {**endpoints, "features": features, "logits_features": logits}
+        return logits, {**endpoints, "features": features, "logits_features": logits}
+
+    def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        if not train and self.multi_scale:
+            return self._multi_scale(images)
+        logits, endpoints = self._feature_logits(images, train)
         logits = resize_bilinear(logits, images.shape[1:3], self.align_corners)
+        endpoints["logits"] = logits
+        return logits, endpoints
+
+    def _multi_scale(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """DeepLab's multi-scale inference (`predict_labels_multi_scale`): for each scale s, the input resized to
+        int((side - 1) * s + 1) (corners aligned), its feature-map logits resized straight to the input's size, and
+        softmax; with flipping, the mirrored input's logits mirrored back as well. Returns the log of the mean
+        probability (its argmax is DeepLab's prediction) and the endpoints of the last pass."""
+        size = images.shape[1:3]
+        probabilities, endpoints = [], {}
+        for scale in self.eval_scales:
+            scaled_size = tuple(int((side - 1) * scale + 1) for side in size)
+            scaled = images if scaled_size == size else resize_bilinear(images, scaled_size, self.align_corners)
+            for flipped in (False, True) if self.eval_flip else (False,):
+                logits, endpoints = self._feature_logits(scaled[:, :, ::-1] if flipped else scaled, train=False)
+                logits = resize_bilinear(logits[:, :, ::-1] if flipped else logits, size, self.align_corners)
+                probabilities.append(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+        logits = jnp.log(jnp.mean(jnp.stack(probabilities), axis=0)).astype(self.conventions.param_dtype)
         endpoints["logits"] = logits
         return logits, endpoints

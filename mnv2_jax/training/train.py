@@ -392,6 +392,9 @@ def evaluate_checkpoint(
     """Evaluates a checkpoint of `workdir` (the latest by default) on its config's full eval split, or with the
     data fields in `overrides` (e.g. `dataset`, `eval_split`) changed."""
     step, config = checkpoint.restore_config(workdir, step)
+    if overrides and "segmentation" in overrides and config.task != "segmentation":
+        fields = ", ".join(f"segmentation.{name}" for name in overrides["segmentation"])
+        raise ConfigError(f"{fields} apply to segmentation checkpoints; {workdir} holds a {config.task} run")
     if overrides:
         with config.ignore_type():
             config.update(overrides)

@@ -88,7 +88,8 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     seg.eval_scales = (1.0,)
     seg.eval_flip = False
 
-    # Data: a TFDS dataset by name, `imagefolder:<root>` (classification) or `voc:<root>` (segmentation).
+    # Data: a TFDS dataset by name (segmentation: one with a per-pixel class-id feature), `imagefolder:<root>`
+    # (classification) or `voc:<root>` (segmentation).
     config.dataset = "imagenet2012"
     config.data_dir = config_dict.placeholder(str)  # TFDS data dir (default: TFDS's own)
     config.train_split = "train"
@@ -102,6 +103,9 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     data.scale_range = (0.5, 2.0)  # segmentation: DeepLab's random rescale before the crop (resolution x resolution)
     data.scale_step = 0.25  # segmentation: scales in this step within scale_range; 0: any scale
     data.class_names = config_dict.placeholder(tuple)  # for datasets that do not name their classes (voc:<root>)
+    # segmentation on a TFDS dataset: the per-pixel class-id feature (a 1-channel uint8 Image or an integer Tensor)
+    data.mask_feature = "segmentation_mask"
+    data.mask_label_offset = 0  # segmentation: added to every stored class id but the ignore label 255
     data.shuffle_buffer = 16_384
     data.cache = False  # cache the encoded examples in memory (small datasets)
     data.prefetch = 0  # batches to prefetch per process (0 = autotune)
@@ -281,6 +285,7 @@ def validate_segmentation(config: ml_collections.ConfigDict) -> None:
 OPTIMIZERS = ("rmsprop", "sgd", "adamw")
 NONFINITE_POLICIES = ("stop", "skip")
 CORRUPT_IMAGE_POLICIES = ("fail", "skip")  # image folders: see mnv2_jax.data.image_folder
+MAX_LABEL_OFFSET = 255  # data.mask_label_offset: class ids are 8-bit in PNG masks
 LR_SCALING = ("linear", "sqrt", "none")
 SCHEDULES = ("exponential", "cosine", "constant")
 
@@ -320,6 +325,13 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     _check_range("data.scale_step", data.scale_step, 0.0, float("inf"))
     if data.class_names is not None and not all(isinstance(name, str) for name in data.class_names):
         raise ConfigError(f"data.class_names must be a tuple of strings or None, got {data.class_names!r}")
+    if not isinstance(data.mask_feature, str) or not data.mask_feature:
+        raise ConfigError(f"data.mask_feature must be the name of a dataset feature, got {data.mask_feature!r}")
+    offset = data.mask_label_offset
+    if not isinstance(offset, int) or isinstance(offset, bool) or not -MAX_LABEL_OFFSET <= offset <= MAX_LABEL_OFFSET:
+        raise ConfigError(
+            f"data.mask_label_offset must be an int in [{-MAX_LABEL_OFFSET}, {MAX_LABEL_OFFSET}], got {offset!r}"
+        )
     _check_positive("data.shuffle_buffer", data.shuffle_buffer)
     _check_choice("data.corrupt_images", data.corrupt_images, CORRUPT_IMAGE_POLICIES)
     opt = config.optimizer

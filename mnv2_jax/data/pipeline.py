@@ -1,5 +1,7 @@
 """tf.data input pipelines for every task, on a TFDS dataset, a local image folder or a VOC-layout folder.
 
+Segmentation reads a VOC folder or a TFDS dataset's class-id feature (`tfds_segmentation`) as the same examples.
+
 What an example becomes (decoding, augmentation, targets) is the task's (`mnv2_jax.tasks`); this module reads,
 orders, shards, batches and pads.
 
@@ -28,11 +30,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mnv2_jax import tasks
-from mnv2_jax.data import image_folder, local_datasets, voc
+from mnv2_jax.data import image_folder, local_datasets, tfds_segmentation, voc
 from mnv2_jax.errors import UserError
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
 FILE_DATASETS = (tfds.folder_dataset.ImageFolder, voc.VocSegmentationFolder)  # read file by file, no sub-splits
+# Per-pixel class ids: the number of classes is the config's (a TFDS dataset's `label`, if any, is another thing).
+SEGMENTATION_DATASETS = (voc.VocSegmentationFolder, tfds_segmentation.TfdsSegmentation)
 
 
 class DatasetError(UserError):
@@ -41,7 +45,7 @@ class DatasetError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    num_classes: int | None  # None: the dataset does not say (VOC-layout folders: the config does)
+    num_classes: int | None  # None: the dataset does not say (segmentation datasets: the config does)
     class_names: tuple[str, ...]
     split_sizes: dict[str, int]
 
@@ -54,19 +58,41 @@ def _hide_accelerators_from_tf() -> None:
         pass
 
 
+def _registered_name(dataset: str) -> str | None:
+    """The builder name of `name[/config][:version]`, None when `dataset` is not such a name."""
+    try:
+        name, _ = tfds.core.naming.parse_builder_name_kwargs(dataset)
+    except ValueError:
+        return None
+    return str(name)
+
+
 def get_builder(
-    dataset: str, data_dir: str | None = None, prepare: bool = True, corrupt_images: str = "fail"
+    dataset: str,
+    data_dir: str | None = None,
+    prepare: bool = True,
+    corrupt_images: str = "fail",
+    task: str | None = None,
 ) -> tfds.core.DatasetBuilder:
-    """The TFDS builder for `dataset`: a registered TFDS name, `imagefolder:<root>` or `voc:<root>`.
+    """The TFDS builder for `dataset`: a registered TFDS name (`name[/config][:version]`), `imagefolder:<root>` or
+    `voc:<root>`.
 
     An image folder's files are all decoded once here; `corrupt_images` (`fail`
-    or `skip`) says what to do with those that do not decode.
+    or `skip`) says what to do with those that do not decode. With `task`, a
+    folder that holds the other task's data is an error.
 
     With `prepare`, a dataset that is not prepared yet is built from local files
     when we know how (Fashion-MNIST from Debian's package), else downloaded and
     prepared by TFDS (ImageNet needs its manual dir).
     """
     _hide_accelerators_from_tf()
+    if task == "segmentation" and dataset.startswith(IMAGEFOLDER_PREFIX):
+        raise DatasetError(
+            f"dataset {dataset!r} holds one label per image; task=segmentation reads '{voc.PREFIX}<root>' or a TFDS "
+            "dataset with a per-pixel class-id feature (data.mask_feature)"
+        )
+    if task == "classification" and dataset.startswith(voc.PREFIX):
+        raise DatasetError(f"dataset {dataset!r} holds segmentation masks; set task=segmentation to train on it")
     if dataset.startswith(IMAGEFOLDER_PREFIX):
         root = os.path.expanduser(dataset[len(IMAGEFOLDER_PREFIX) :])
         if not os.path.isdir(root):
@@ -76,23 +102,41 @@ def get_builder(
         return image_folder.CheckedImageFolder(root, corrupt_images)
     if dataset.startswith(voc.PREFIX):
         return voc.VocSegmentationFolder(os.path.expanduser(dataset[len(voc.PREFIX) :]))
-    if dataset not in tfds.list_builders():
+    if _registered_name(dataset) not in tfds.list_builders():
+        if task == "segmentation":
+            raise DatasetError(
+                f"dataset {dataset!r} is not a TFDS dataset; task=segmentation reads '{voc.PREFIX}<root>' or a name "
+                "from tfds.list_builders() with a per-pixel class-id feature (e.g. 'oxford_iiit_pet'; "
+                "data.mask_feature names it)"
+            )
         raise DatasetError(
             f"dataset {dataset!r} is not a TFDS dataset; use a name from tfds.list_builders() "
             f"(e.g. 'imagenet2012', 'cifar10', 'fashion_mnist'), '{IMAGEFOLDER_PREFIX}<root>' or '{voc.PREFIX}<root>'"
         )
     builder = tfds.builder(dataset, data_dir=data_dir)
-    if prepare and not _is_prepared(builder):
-        if local_datasets.prepare_from_local_files(dataset, data_dir):
-            builder = tfds.builder(dataset, data_dir=data_dir)
-        else:
-            builder.download_and_prepare()
+    return _prepare(builder, dataset, data_dir) if prepare else builder
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    if isinstance(builder, FILE_DATASETS) or _is_prepared(builder):
+        return builder
+    if local_datasets.prepare_from_local_files(dataset, data_dir):
+        return tfds.builder(dataset, data_dir=data_dir)
+    builder.download_and_prepare()
     return builder
 
 
 def builder_for(config: ml_collections.ConfigDict, prepare: bool = True) -> tfds.core.DatasetBuilder:
-    """`get_builder` for a config's `dataset`, `data_dir` and `data.corrupt_images`."""
-    return get_builder(config.dataset, config.data_dir, prepare, config.data.corrupt_images)
+    """`get_builder` for a config's `dataset`, `data_dir`, `data.corrupt_images` and task. Segmentation reads a
+    TFDS dataset through its `data.mask_feature`, checked before anything is downloaded or prepared."""
+    builder = get_builder(config.dataset, config.data_dir, False, config.data.corrupt_images, config.task)
+    if config.task != "segmentation" or isinstance(builder, voc.VocSegmentationFolder):
+        return _prepare(builder, config.dataset, config.data_dir) if prepare else builder
+    mask_feature = config.data.mask_feature
+    tfds_segmentation.TfdsSegmentation(builder, mask_feature, config.dataset)  # checks the features
+    if prepare:
+        builder = _prepare(builder, config.dataset, config.data_dir)
+    return tfds_segmentation.TfdsSegmentation(builder, mask_feature, config.dataset)
 
 
 def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
@@ -101,7 +145,7 @@ def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
 
 def dataset_info(builder: tfds.core.DatasetBuilder) -> DatasetInfo:
     split_sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
-    features = {} if isinstance(builder, voc.VocSegmentationFolder) else dict(builder.info.features.items())
+    features = {} if isinstance(builder, SEGMENTATION_DATASETS) else dict(builder.info.features.items())
     label = features.get("label")
     if not hasattr(label, "num_classes"):
         return DatasetInfo(num_classes=None, class_names=(), split_sizes=split_sizes)

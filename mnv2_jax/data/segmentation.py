@@ -8,7 +8,25 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from mnv2_jax.data import voc
+
 MEAN_PIXEL = 127.5  # DeepLab pads images with the mean pixel value
+
+
+def decode_mask(mask: tf.Tensor) -> tf.Tensor:
+    """An example's `segmentation_mask` -> (height, width) class ids: PNG bytes (a VOC folder's, a TFDS `Image`)
+    are decoded as VOC's masks (uint8, palette indices for palette PNGs); class-id tensors (a TFDS `Tensor`) keep
+    their values (as int32 unless uint8, so that the ignore label fits whatever the stored integer type)."""
+    if mask.dtype == tf.string:
+        return voc.decode_mask(mask)
+    return mask if mask.dtype == tf.uint8 else tf.cast(mask, tf.int32)
+
+
+def offset_labels(labels: tf.Tensor, offset: int, ignore_label: int) -> tf.Tensor:
+    """`labels + offset`, except where the label is `ignore_label` (kept)."""
+    if not offset:
+        return labels
+    return tf.where(labels == ignore_label, labels, labels + offset)
 
 
 def _resize_pair(image: tf.Tensor, mask: tf.Tensor, height: tf.Tensor, width: tf.Tensor):

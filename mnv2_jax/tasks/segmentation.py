@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import tensorflow as tf
 
-from mnv2_jax.data import preprocessing, voc
+from mnv2_jax.data import preprocessing
 from mnv2_jax.data import segmentation as segmentation_data
 from mnv2_jax.models import MobileDeepLabV3, build_segmenter
 from mnv2_jax.tasks.base import Task
@@ -85,16 +85,17 @@ class Segmentation(Task):
         return build_segmenter(self.config.model, self.config.segmentation, **overrides)
 
     def _model_input(self, image: tf.Tensor, mask: tf.Tensor) -> dict[str, tf.Tensor]:
+        label = tf.cast(mask, tf.int32)  # padding holds the ignore label, which the offset keeps
         return {
             "image": preprocessing.normalize(image, self.config.model.preprocessing),
-            "label": tf.cast(mask, tf.int32),
+            "label": segmentation_data.offset_labels(label, self.config.data.mask_label_offset, IGNORE_LABEL),
         }
 
     def train_example(self, example, seed):
         data = self.config.data
         image, mask = segmentation_data.random_scale_crop_flip(
             preprocessing.decode_image(example["image"]),
-            voc.decode_mask(example["segmentation_mask"]),
+            segmentation_data.decode_mask(example["segmentation_mask"]),
             seed,
             self.config.resolution,
             tuple(data.scale_range),
@@ -107,7 +108,7 @@ class Segmentation(Task):
     def eval_example(self, example):
         image, mask = segmentation_data.fit_and_pad(
             preprocessing.decode_image(example["image"]),
-            voc.decode_mask(example["segmentation_mask"]),
+            segmentation_data.decode_mask(example["segmentation_mask"]),
             self.eval_resolution,
             IGNORE_LABEL,
         )

@@ -3,7 +3,6 @@
     python tests/faults.py POINT train --config ... --workdir ...
 
 POINT is one of
-  step:N        right after the train step that makes step N is dispatched, while it computes
   eval          during the first evaluation, after its first batch
   checkpoint:N  inside the asynchronous write of checkpoint N: every array written, not yet committed
   trace         no fault: prints `faults: step N dispatched` to stderr as each train step is dispatched, so that
@@ -47,10 +46,6 @@ def after_each_dispatch(action) -> None:
     train.build_trainer = build
 
 
-def kill_during_step(step: int) -> None:
-    after_each_dispatch(lambda this_step: die() if this_step >= step else None)
-
-
 def trace_steps() -> None:
     after_each_dispatch(lambda this_step: print(f"faults: step {this_step} dispatched", file=sys.stderr, flush=True))
 
@@ -90,9 +85,7 @@ def kill_during_checkpoint_write(step: int) -> None:
 def main() -> int:
     point, args = sys.argv[1], sys.argv[2:]
     kind, _, value = point.partition(":")
-    if kind == "step":
-        kill_during_step(int(value))
-    elif kind == "eval":
+    if kind == "eval":
         kill_during_eval()
     elif kind == "checkpoint":
         kill_during_checkpoint_write(int(value))

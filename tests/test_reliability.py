@@ -179,15 +179,11 @@ def _run_until_killed(args, point, stderr_path, kill_at=None):
 @pytest.mark.slow
 @pytest.mark.xdist_group("small_run")  # the compiled train step of test_train's `trained`
 def test_sigkill_anywhere_then_the_same_command_ends_bitwise_equal(folder, uninterrupted, tmp_path):
-    """SIGKILL during a step, during evaluation, inside an async checkpoint write and at a random moment while it
-    trains; rerunning the same command each time ends with the uninterrupted run's exact state."""
+    """SIGKILL during evaluation, inside an async checkpoint write and at a random moment during the training steps;
+    rerunning the same command each time ends with the uninterrupted run's exact state."""
     workdir = tmp_path / "killed"
     args = ["train", "--workdir", str(workdir), *crash_run_args(folder)]
     checkpoints = workdir / "checkpoints"
-
-    status, err = _run_until_killed(args, "step:3", tmp_path / "step.log")
-    assert status == -signal.SIGKILL, err[-3000:]
-    assert checkpoint.latest_step(str(workdir)) in (None, 2)
 
     status, err = _run_until_killed(args, "eval", tmp_path / "eval.log")
     assert status == -signal.SIGKILL and "training steps" in err, err[-3000:]

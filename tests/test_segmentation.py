@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from configs_loader import load
 from conftest import require
+from export_helpers import random_variables
 from PIL import Image
 from test_architecture import STAGES, WIDTHS
+from train_helpers import SHALLOW_STAGES
 
 from mnv2_jax.models import build
 from mnv2_jax.models.deeplab import interpolation_matrix, resize_bilinear
@@ -113,11 +115,16 @@ def test_multi_scale_flipped_inference_is_deeplabs_average_of_probabilities():
     import tensorflow as tf
 
     config = load("configs/deeplab_voc.py:width=0.5,resolution=33")
+    config.model.stage_repeats = SHALLOW_STAGES  # what is checked is around the network, whatever its depth
+    config.segmentation.feature_endpoint = "layer_10"  # its last block
+    config.model.num_classes = 4
     config.segmentation.eval_scales, config.segmentation.eval_flip = (0.5, 1.0, 1.75), True
     multi = build(config, num_classes=4)
     single = multi.clone(eval_scales=(1.0,), eval_flip=False)
     images = jax.random.normal(jax.random.key(0), (2, 33, 33, 3))
-    variables = jax.jit(single.init)(jax.random.key(1), images)
+    variables = random_variables(config)  # random BN statistics and biases: a signal through the whole network
+    # the logits layer scaled up from its 0.01 init: probabilities far from uniform, so that every part counts
+    variables["params"]["logits"]["kernel"] = variables["params"]["logits"]["kernel"] * 50
     log_probabilities, _ = jax.jit(multi.apply)(variables, images)
     apply = jax.jit(single.apply)
     expected = []
@@ -127,13 +134,19 @@ def test_multi_scale_flipped_inference_is_deeplabs_average_of_probabilities():
             logits = np.asarray(apply(variables, scaled[:, :, ::-1] if flip else scaled)[1]["logits_features"])
             logits = tf.compat.v1.image.resize_bilinear(logits[:, :, ::-1] if flip else logits, (33, 33), True)
             expected.append(tf.nn.softmax(logits).numpy())
+    assert np.std(expected) > 0.05
     np.testing.assert_allclose(np.exp(log_probabilities), np.mean(expected, axis=0), rtol=1e-4, atol=1e-6)
-    # Training is single-scale either way.
-    train_logits = [
-        m.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})[0][0]
+    # Training is single-scale either way: the same program.
+    rngs = {"dropout": jax.random.key(2)}
+    train_programs = [
+        str(
+            jax.make_jaxpr(lambda v, x, m=m: m.apply(v, x, train=True, mutable=["batch_stats"], rngs=rngs))(
+                variables, images
+            )
+        )
         for m in (multi, single)
     ]
-    np.testing.assert_array_equal(*train_logits)
+    assert train_programs[0] == train_programs[1]
 
 
 @pytest.mark.parametrize(

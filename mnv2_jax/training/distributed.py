@@ -113,8 +113,12 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     sharding = batch_sharded(mesh)
     # Host arrays of a dtype JAX narrows (float64 without x64) are converted here, not by the transfer: on CPU the
     # transfer's own conversion can hand back an earlier array's values when the caller reuses its buffer.
-    local = {k: np.asarray(v, jax.dtypes.canonicalize_dtype(np.asarray(v).dtype)) for k, v in local.items()}
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, _canonical(v)) for k, v in local.items()}
+
+
+def _canonical(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    return array.astype(jax.dtypes.canonicalize_dtype(array.dtype), copy=False)
 
 
 def to_host(tree: Any) -> Any:

@@ -15,7 +15,7 @@ if [ ! -x "$REPO/.venv/bin/python" ]; then
 fi
 "$REPO/.venv/bin/python" -m pip install --quiet --upgrade pip
 # --no-compile: modules are byte-compiled when first imported (a fraction of TensorFlow and torch), not all at
-# install (about 45 s of a fresh set-up on 2 cores)
+# install
 "$REPO/.venv/bin/python" -m pip install --quiet --no-compile -e "$REPO[$EXTRAS]"
 if [[ ",$EXTRAS," == *",export,"* || ",$EXTRAS," == *",dev,"* ]]; then
   # ONNX export. --no-deps: jax2onnx pins orbax-checkpoint<0.11.37 but works with ours; its other

@@ -25,11 +25,12 @@ SHARED_DATA = pathlib.Path(os.environ.get("MNV2_TEST_SHARED_DATA", REPO.parent /
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# The suite compiles far more than it runs (a few steps of tiny networks): XLA's backend optimisation level 0 compiles
-# about 40% faster (60% for the train state's init) and runs a tiny train step about 3x slower. The tests whose
-# claim is the users' default path, or that run hundreds of steps, get XLA's default level through
-# `xla_flags(optimized=True)` (tests/test_one_device.py, the digits recipe, the bench commands).
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# The suite compiles far more than it runs (a few steps of tiny networks), so its processes compile fast: XLA's
+# backend optimisation level 0 with the CPU backend's legacy (non-MLIR) fusion emitters. `benchmarks/test_compile.py`
+# measures what each buys on the trainer tests' program (docs/benchmarks.md §4). The tests whose claim is the users'
+# default path, or that run hundreds of steps, get XLA's defaults through `xla_flags(optimized=True)`
+# (tests/test_one_device.py, the digits recipe, `mnv2 bench`'s FLOP and remat figures).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 USER_FLAGS = os.environ.get("XLA_FLAGS", "")
 
 
@@ -135,10 +136,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit("CI=true, and inputs of the test suite are missing:\n" + "\n".join(lines), returncode=4)
 
 
-def one_device_environment(**variables: str) -> dict[str, str]:
-    """This process's environment for a subprocess with one CPU device and XLA's default optimisation (what `mnv2`
-    users on a CPU get), plus `variables`."""
-    return {**os.environ, "XLA_FLAGS": xla_flags(1, optimized=True), "JAX_PLATFORMS": "cpu", **variables}
+def one_device_environment(optimized: bool = True, **variables: str) -> dict[str, str]:
+    """This process's environment for a subprocess with one CPU device, plus `variables`: with XLA's defaults (what
+    `mnv2` users on a CPU get) or, unless `optimized`, the suite's fast-compile flags."""
+    return {**os.environ, "XLA_FLAGS": xla_flags(1, optimized), "JAX_PLATFORMS": "cpu", **variables}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -19,6 +19,7 @@ Writes to OUT_DIR:
 import json
 import pathlib
 import sys
+import time
 
 import jax
 import numpy as np
@@ -85,18 +86,28 @@ def segmenter_train_step_calls_kernels() -> bool:
     return "ffi_call" in str(jax.make_jaxpr(trainer.train_step)(state, batch))
 
 
-def bench_figures() -> dict[str, float]:
+def bench_figures(started: list[float]) -> dict[str, float]:
     step = bench.compile_step(tiny_float32_config(), "train", batch=8)
     figures = {"flops": step.flops, "xla_flops": bench._cost_flops(step.compiled), "flops_batch": step.batch}
+    timed("bench FLOPs", started)
     for remat in (False, True):
         config = load("configs/imagenet.py:num_classes=10")
         config.model.remat = remat
         figures[f"temp_bytes_remat_{remat}"] = bench.run(config, batch=128, steps=0).temp_bytes
+        timed(f"memory with remat={remat}", started)
     return figures
+
+
+def timed(phase: str, started: list[float]) -> None:
+    """Prints how long `phase` took (the fixture is among the suite's slowest: where its time goes)."""
+    now = time.perf_counter()
+    print(f"one_device: {phase} {now - started[0]:.1f} s", flush=True)
+    started[0] = now
 
 
 def main() -> None:
     out, dataset = pathlib.Path(sys.argv[1]), sys.argv[2]
+    started = [time.perf_counter()]
     resolved = {
         "device_count": jax.device_count(),
         "train": layers.resolve_depthwise("auto", train=True).__name__,
@@ -104,12 +115,14 @@ def main() -> None:
     }
     resolved["auto_calls_kernels"] = train_step_values_and_gradients("auto", run=False)[1]
     resolved["segmenter_calls_kernels"] = segmenter_train_step_calls_kernels()
+    timed("kernel build and traces", started)
     for impl in IMPLEMENTATIONS:
         flat, calls_kernels = train_step_values_and_gradients(impl)
         np.savez(out / f"step_{impl}.npz", **flat)
         resolved[f"{impl}_calls_kernels"] = calls_kernels
+        timed(f"train step on {impl}", started)
     (out / "resolved.json").write_text(json.dumps(resolved))
-    (out / "bench.json").write_text(json.dumps(bench_figures()))
+    (out / "bench.json").write_text(json.dumps(bench_figures(started)))
 
     args = ["--config", "configs/quickstart.py", f"--config.dataset={dataset}", "--config.batch_size=16"]
     args += ["--config.eval_batch_size=16", "--config.num_train_steps=3", "--config.log_every_steps=1"]
@@ -119,6 +132,7 @@ def main() -> None:
         workdir = out / f"train_{impl}"
         status = mnv2(["mnv2", "train", "--workdir", str(workdir), *args, f"--config.model.depthwise={impl}"])
         assert status == 0, f"mnv2 train with model.depthwise={impl} exited with {status}"
+        timed(f"mnv2 train with model.depthwise={impl}", started)
 
 
 if __name__ == "__main__":

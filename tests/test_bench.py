@@ -66,8 +66,10 @@ def test_figures_of_a_hand_computed_step(monkeypatch):
 def bench_in_a_new_process(**env: str) -> dict:
     """`mnv2 bench --json` as a command line (which picks its host allocator first), with `env` added."""
     allocator_variables = (*host_memory.ALLOCATOR_VARIABLES, host_memory.VARIABLE)
-    # one device: a step buffer well above malloc's mmap size
-    inherited = {name: value for name, value in one_device_environment().items() if name not in allocator_variables}
+    # One device: a step buffer well above malloc's mmap size. The suite's fast-compile flags: the host allocator,
+    # not the compiled code, decides how often a step's buffers fault in.
+    environment = one_device_environment(optimized=False)
+    inherited = {name: value for name, value in environment.items() if name not in allocator_variables}
     env = {**inherited, **env}
     args = ["--config", "configs/imagenet.py:num_classes=10", "--config.resolution=96", "--config.model.width=0.5"]
     args += [f"--config.model.stage_repeats={SHALLOW_STAGES}", "--batch=16", "--warmup=4", "--steps=4", "--json"]

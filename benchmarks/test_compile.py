@@ -26,6 +26,7 @@ FLAG_SETS = {
     "O0 + legacy fusion emitters (the suite's)": (
         "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
     ),
+    "legacy fusion emitters": "--xla_cpu_use_fusion_emitters=false",
 }
 
 

@@ -15,7 +15,7 @@ if [ ! -x "$REPO/.venv/bin/python" ]; then
 fi
 "$REPO/.venv/bin/python" -m pip install --quiet --upgrade pip
 # --no-compile: modules are byte-compiled when first imported (a fraction of TensorFlow and torch), not all at
-# install
+# install; Python caches that only where PYTHONDONTWRITEBYTECODE is unset (scripts/test.sh unsets it)
 "$REPO/.venv/bin/python" -m pip install --quiet --no-compile -e "$REPO[$EXTRAS]"
 if [[ ",$EXTRAS," == *",export,"* || ",$EXTRAS," == *",dev,"* ]]; then
   # ONNX export. --no-deps: jax2onnx pins orbax-checkpoint<0.11.37 but works with ours; its other

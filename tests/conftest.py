@@ -27,7 +27,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The suite compiles far more than it runs (a few steps of tiny networks), so its processes compile fast: XLA's
 # backend optimisation level 0 with the CPU backend's legacy (non-MLIR) fusion emitters, which together compile the
-# trainer tests' train step in about a third of the default time (`benchmarks/test_compile.py`, docs/benchmarks.md
+# trainer tests' train step in about 0.4x the default time (`benchmarks/test_compile.py`, docs/benchmarks.md
 # §6). The tests whose claim is the users' default path, or that run hundreds of steps, get XLA's defaults through
 # `xla_flags(optimized=True)` (tests/test_one_device.py, the digits recipe).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnv2_jax.models.layers import ConvBN, Conventions
-from mnv2_jax.models.mobilenet_v2 import MobileNetV2
+from mnv2_jax.models.mobilenet_v2 import BackboneWithHead
 
 SEGMENTATION_OUTPUT_STRIDES = (8, 16)
 HEAD_SCOPES = ("image_pooling", "aspp0", "aspp1", "aspp2", "aspp3", "concat_projection", "logits")
@@ -94,14 +94,13 @@ class DeepLabHead(nn.Module):
         return logits.astype(conv.param_dtype)
 
 
-class MobileDeepLabV3(nn.Module):
+class MobileDeepLabV3(BackboneWithHead):
     """Mobile DeepLabv3: `backbone` (a `MobileNetV2` with `num_classes=0`) and `head` share one parameter scope.
 
     Returns `(logits, endpoints)`: per-pixel logits upsampled to the input's size, and the backbone's endpoints
     plus `features` (the head's input) and `logits_features` (logits at the feature map's resolution).
     """
 
-    backbone: MobileNetV2
     head: DeepLabHead
     align_corners: bool = True
     # DeepLab's flag: False runs the backbone's batch norms on their stored statistics in training too (their
@@ -111,20 +110,6 @@ class MobileDeepLabV3(nn.Module):
     # scale, and on its mirror image too with `eval_flip`; the class probabilities are averaged.
     eval_scales: tuple[float, ...] = (1.0,)
     eval_flip: bool = False
-
-    def setup(self) -> None:
-        if self.backbone.num_classes:
-            raise ValueError("the segmentation backbone must have num_classes=0")
-        nn.share_scope(self, self.backbone)
-        nn.share_scope(self, self.head)
-
-    @property
-    def conventions(self) -> Conventions:
-        return self.backbone.conventions
-
-    @property
-    def inference_chunk(self) -> int | None:
-        return self.backbone.inference_chunk
 
     @staticmethod
     def part_of(scope: str) -> str:

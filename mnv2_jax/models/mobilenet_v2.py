@@ -292,6 +292,28 @@ class MobileNetV2(nn.Module):
         return logits, endpoints
 
 
+class BackboneWithHead(nn.Module):
+    """A task's model: `backbone` (a `MobileNetV2` with `num_classes=0`) and a task's `head`, in one parameter scope,
+    so that an ImageNet classifier's backbone loads by name."""
+
+    backbone: MobileNetV2
+    head: nn.Module
+
+    def setup(self) -> None:
+        if self.backbone.num_classes:
+            raise ValueError(f"the backbone of {type(self).__name__} must have num_classes=0")
+        nn.share_scope(self, self.backbone)
+        nn.share_scope(self, self.head)
+
+    @property
+    def conventions(self) -> Conventions:
+        return self.backbone.conventions
+
+    @property
+    def inference_chunk(self) -> int | None:
+        return self.backbone.inference_chunk
+
+
 # Chunks per loop iteration in `predict`: XLA runs the unrolled chunks concurrently; a loop of single chunks
 # was slower on XLA:CPU than the whole batch at once (measured in docs/benchmarks.md, as the CPU default below).
 _PREDICT_UNROLL = 4

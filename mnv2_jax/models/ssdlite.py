@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mnv2_jax.models.layers import ConvBN, Conventions
-from mnv2_jax.models.mobilenet_v2 import MobileNetV2
+from mnv2_jax.models.mobilenet_v2 import BackboneWithHead
 
 HEADS = ("ssdlite", "ssd")
 FEATURE_ENDPOINTS = ("layer_15/expansion_output", "layer_19")
@@ -102,31 +102,15 @@ class SSDHead(nn.Module):
         return outputs, maps
 
 
-class SSDLite(nn.Module):
-    """SSD(Lite): `backbone` (a `MobileNetV2` with `num_classes=0`) and `head` share one parameter scope, so an
-    ImageNet classifier's backbone loads by name.
+class SSDLite(BackboneWithHead):
+    """SSD(Lite): `backbone` (a `MobileNetV2` with `num_classes=0`) and `head` in one parameter scope.
 
     Returns `({"box_codes": [B, N, 4], "class_logits": [B, N, num_classes + 1]}, endpoints)` for the N anchors of
     `mnv2_jax.detection.anchors` in their order (column 0 of the logits is the background); the endpoints hold the
     backbone's and `feature_map_0` ... `feature_map_5`.
     """
 
-    backbone: MobileNetV2
     head: SSDHead
-
-    def setup(self) -> None:
-        if self.backbone.num_classes:
-            raise ValueError("the detection backbone must have num_classes=0")
-        nn.share_scope(self, self.backbone)
-        nn.share_scope(self, self.head)
-
-    @property
-    def conventions(self) -> Conventions:
-        return self.backbone.conventions
-
-    @property
-    def inference_chunk(self) -> int | None:
-        return self.backbone.inference_chunk
 
     @staticmethod
     def part_of(scope: str) -> str:

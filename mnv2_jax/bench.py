@@ -8,7 +8,6 @@ compilation and warm-up steps.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import resource
 import time
 from collections.abc import Callable
@@ -98,15 +97,14 @@ def compile_step(config: ml_collections.ConfigDict, mode: str = "train", batch: 
     local = batch // distributed.mesh_process_count(mesh)
     pixels = rng.uniform(0, 255, (local, config.resolution, config.resolution, 3)).astype(np.float32)
     images = preprocessing.normalize(pixels, config.model.preprocessing)
-    label_shape = trainer.task.dummy_batch(local)["label"].shape  # one per image, or per pixel
-    labels = rng.integers(0, config.model.num_classes, label_shape).astype(np.int32)
-    inputs = distributed.global_batch({"image": images, "label": labels}, mesh)
+    inputs = distributed.global_batch({**trainer.task.synthetic_batch(local, rng), "image": images}, mesh)
 
     def jit_predict(model):
-        return jax.jit(
-            functools.partial(models.predict, model, batch_shards=mesh.size),
-            in_shardings=(distributed.replicated(mesh), distributed.batch_sharded(mesh)),
-        )
+        def infer(variables, images):  # the model, then the task's post-processing (detection: NMS)
+            outputs = models.predict(model, variables, images, batch_shards=mesh.size)
+            return trainer.task.postprocess(outputs, config.resolution)
+
+        return jax.jit(infer, in_shardings=(distributed.replicated(mesh), distributed.batch_sharded(mesh)))
 
     def step_args(state):
         return (state, inputs) if mode == "train" else (state.eval_variables(), inputs["image"])

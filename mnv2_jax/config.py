@@ -23,6 +23,7 @@ from mnv2_jax.models.layers import (
     REGULAR_CONV_IMPLEMENTATIONS,
 )
 from mnv2_jax.models.mobilenet_v2 import BLOCK_STAGES, OUTPUT_STRIDES, RESIDUAL_MODES, stage_repeats
+from mnv2_jax.models.ssdlite import HEADS as DETECTION_HEADS
 
 # Framework conventions: padding, BN decay/epsilon and input normalisation of each reference.
 CONVENTIONS: dict[str, dict[str, Any]] = {
@@ -30,7 +31,7 @@ CONVENTIONS: dict[str, dict[str, Any]] = {
     "torch": dict(padding="symmetric", bn_momentum=0.9, bn_epsilon=1e-5, preprocessing="imagenet"),
 }
 PREPROCESSING_MODES = ("inception", "imagenet")
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "detection")
 DTYPES = ("float32", "bfloat16", "float64")  # float64 (with JAX_ENABLE_X64=1) is for exactness tests
 
 
@@ -88,6 +89,21 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     seg.eval_scales = (1.0,)
     seg.eval_flip = False
 
+    # task=detection: SSD(Lite) (mnv2_jax.models.ssdlite, mnv2_jax.detection) on the backbone above; `model.num_classes`
+    # counts the object classes (the background is added). Defaults: the `ssdlite_mobilenet_v2_coco` release.
+    det = config.detection = ml_collections.ConfigDict()
+    det.head = "ssdlite"  # ssdlite: depthwise-separable predictors and extra layers; ssd: regular 3x3 convolutions
+    det.max_boxes = 100  # ground-truth boxes per image after augmentation, padded (more are dropped, in file order)
+    det.min_scale = 0.2  # the anchors' scales, linear over the six maps
+    det.max_scale = 0.95
+    det.matched_threshold = 0.5  # an anchor matches a ground-truth box at this IoU (and each box its best anchor)
+    det.negatives_per_positive = 3.0  # hard example mining
+    det.min_negatives_per_image = 3
+    det.score_threshold = 1e-8  # post-processing: per-class NMS, then the best detections of an image
+    det.nms_iou_threshold = 0.6
+    det.max_detections = 100
+    det.fine_tune_batch_norm = True  # False: the backbone's BN keeps its stored statistics (small batches, imports)
+
     # Data: a TFDS dataset by name (segmentation: one with a per-pixel class-id feature), `imagefolder:<root>`
     # (classification) or `voc:<root>` (segmentation).
     config.dataset = "imagenet2012"
@@ -106,6 +122,14 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     # segmentation on a TFDS dataset: the per-pixel class-id feature (a 1-channel uint8 Image or an integer Tensor)
     data.mask_feature = "segmentation_mask"
     data.mask_label_offset = 0  # segmentation: added to every stored class id but the ignore label 255
+    # detection training (the release's `ssd_random_crop` and flip): a random crop that keeps at least
+    # `min_object_covered` (one value drawn per example from this tuple) of some box, or the whole image with
+    # probability `keep_image_probability`; then optional photometric distortion (brightness, contrast, saturation, hue)
+    data.crop_min_object_covered = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+    data.crop_area_range = (0.1, 1.0)
+    data.crop_aspect_ratio_range = (0.5, 2.0)
+    data.keep_image_probability = 0.15
+    data.photometric = False
     data.shuffle_buffer = 16_384
     data.cache = False  # cache the encoded examples in memory (small datasets)
     data.prefetch = 0  # batches to prefetch per process (0 = autotune)
@@ -245,6 +269,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice("task", config.task, TASKS)
     if config.task == "segmentation":
         validate_segmentation(config)
+    if config.task == "detection":
+        validate_detection(config)
     if "optimizer" in config:
         validate_training(config)
 
@@ -280,6 +306,32 @@ def validate_segmentation(config: ml_collections.ConfigDict) -> None:
     if not isinstance(scales, tuple) or not scales or not all(_is_number(x) and 0.1 <= x <= 4 for x in scales):
         raise ConfigError(f"segmentation.eval_scales must be a non-empty tuple of numbers in [0.1, 4], got {scales!r}")
     _check_choice("segmentation.eval_flip", seg.eval_flip, (False, True))
+
+
+def validate_detection(config: ml_collections.ConfigDict) -> None:
+    """Checks `config.detection` and what detection needs of `config.model`."""
+    det = config.detection
+    if not isinstance(config.model.num_classes, int) or config.model.num_classes < 1:
+        raise ConfigError(
+            f"model.num_classes must be an int >= 1 for detection (object classes, without the background), "
+            f"got {config.model.num_classes!r}"
+        )
+    _check_choice("model.output_stride (detection)", config.model.output_stride, (32,))
+    _check_choice("detection.head", det.head, DETECTION_HEADS)
+    for field in ("max_boxes", "min_negatives_per_image", "max_detections"):
+        _check_positive(f"detection.{field}", det[field])
+    _check_range("detection.min_scale", det.min_scale, 1e-3, det.max_scale if _is_number(det.max_scale) else 1.0)
+    _check_range("detection.max_scale", det.max_scale, det.min_scale, 1.0, closed_high=True)
+    _check_range("detection.matched_threshold", det.matched_threshold, 0.0, 1.0, closed_high=True)
+    _check_positive("detection.negatives_per_positive", det.negatives_per_positive, float)
+    _check_range("detection.score_threshold", det.score_threshold, 0.0, 1.0)
+    _check_range("detection.nms_iou_threshold", det.nms_iou_threshold, 0.0, 1.0, closed_high=True)
+    _check_choice("detection.fine_tune_batch_norm", det.fine_tune_batch_norm, (False, True))
+    if config.eval_resolution not in (None, config.resolution):
+        raise ConfigError(
+            f"eval_resolution={config.eval_resolution}: detection evaluates at `resolution` ({config.resolution}), "
+            "where its anchors are; leave eval_resolution unset"
+        )
 
 
 OPTIMIZERS = ("rmsprop", "sgd", "adamw")
@@ -332,6 +384,15 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"data.mask_label_offset must be an int in [{-MAX_LABEL_OFFSET}, {MAX_LABEL_OFFSET}], got {offset!r}"
         )
+    covered = data.crop_min_object_covered
+    if not isinstance(covered, tuple) or not covered or not all(_is_number(x) and 0 <= x <= 1 for x in covered):
+        raise ConfigError(
+            f"data.crop_min_object_covered must be a non-empty tuple of numbers in [0, 1], got {covered!r}"
+        )
+    _check_interval("data.crop_area_range", data.crop_area_range, 1e-3, 1.0)
+    _check_interval("data.crop_aspect_ratio_range", data.crop_aspect_ratio_range, 1e-2, 1e2)
+    _check_range("data.keep_image_probability", data.keep_image_probability, 0.0, 1.0, closed_high=True)
+    _check_choice("data.photometric", data.photometric, (False, True))
     _check_positive("data.shuffle_buffer", data.shuffle_buffer)
     _check_choice("data.corrupt_images", data.corrupt_images, CORRUPT_IMAGE_POLICIES)
     opt = config.optimizer

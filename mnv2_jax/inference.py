@@ -1,4 +1,4 @@
-"""Loading a task's model from a workdir and running it on images: classes per image, or per pixel."""
+"""Loading a task's model from a workdir and running it on images: classes per image, per pixel, or boxes."""
 
 from __future__ import annotations
 
@@ -87,4 +87,34 @@ def segment(
         region = logits(variables, jnp.asarray(padded.numpy()[None], jnp.float32))[: fitted[0], : fitted[1]]
         region = jax.image.resize(region, (height, width, region.shape[-1]), "bilinear")
         results.append(np.asarray(jnp.argmax(region, axis=-1), np.uint8))
+    return results
+
+
+def detect(task, model, variables: dict[str, Any], images: Sequence[np.ndarray], min_score: float) -> list[list[dict]]:
+    """Each image's detections with a score of at least `min_score`, best first: `{"box": [xmin, ymin, xmax, ymax]`
+    in pixels of the image, `"score"`, `"class_id"`, `"label"}`. Images (float RGB in [0, 255], any size) are
+    resized to the model's square input as in evaluation."""
+    size, mode = task.config.resolution, task.config.model.preprocessing
+    names = task.class_names()
+
+    @jax.jit
+    def run(variables, image):
+        outputs = predict(model, variables, preprocessing.normalize(image[None], mode))
+        return jax.tree.map(lambda x: x[0], task.detect(outputs, size))
+
+    results = []
+    for image in images:
+        height, width = image.shape[:2]
+        found = jax.device_get(run(variables, jnp.asarray(preprocessing.resize(image, size).numpy())))
+        boxes = np.clip(found["boxes"], 0.0, 1.0) * [height, width, height, width]
+        detections = []
+        for box, score, label in zip(boxes, found["scores"], found["classes"], strict=True):
+            if score < min_score or len(detections) == int(found["num_detections"]):
+                continue
+            ymin, xmin, ymax, xmax = (round(float(v), 2) for v in box)
+            label = int(label)
+            detections.append(
+                {"box": [xmin, ymin, xmax, ymax], "score": float(score), "class_id": label, "label": names[label]}
+            )
+        results.append(detections)
     return results

@@ -50,8 +50,8 @@ def train_step_values_and_gradients(depthwise: str, run: bool = True) -> tuple[d
     unless `run`), and whether the program calls the C++ kernels."""
     config = tiny_float32_config()
     model = build_model(config.model, depthwise=depthwise)
-    images, labels = train_helpers.fixed_batch(config)
-    images = images.astype(np.float32)
+    batch = train_helpers.fixed_batch(config)
+    images, labels = batch["image"].astype(np.float32), batch["label"]
     variables = jax.jit(model.init)(jax.random.key(0), images[:1])
     at_3 = lambda path, v: v + 3.0 if jax.tree_util.keystr(path).endswith("['BatchNorm']['bias']") else v
     variables = {**variables, "params": jax.tree_util.tree_map_with_path(at_3, variables["params"])}
@@ -81,8 +81,8 @@ def segmenter_train_step_calls_kernels() -> bool:
     the_plan = plan.make_plan(config, 80, 8, 1, 1)
     trainer = train.build_trainer(config, the_plan, distributed.make_mesh())
     state = jax.eval_shape(trainer.create_state, jax.random.key(0))
-    images, labels = train_helpers.fixed_batch(config)
-    batch = {"image": images.astype(np.float32), "label": labels}
+    batch = train_helpers.fixed_batch(config)
+    batch["image"] = batch["image"].astype(np.float32)
     return "ffi_call" in str(jax.make_jaxpr(trainer.train_step)(state, batch))
 
 

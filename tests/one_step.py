@@ -29,10 +29,10 @@ def main() -> None:
         for run in runs:
             task, group = run.split("-")
             config = train_helpers.tiny_config(None if group == "none" else int(group), task=task)
-            images, labels = train_helpers.fixed_batch(config)
-            per_process = len(images) // distributed.mesh_process_count(mesh)
+            batch = train_helpers.fixed_batch(config)
+            per_process = train_helpers.BATCH // distributed.mesh_process_count(mesh)
             lo = distributed.mesh_process_index(mesh) * per_process
-            local = {"image": images[lo : lo + per_process], "label": labels[lo : lo + per_process]}
+            local = {name: values[lo : lo + per_process] for name, values in batch.items()}
             if task not in initial:  # the same for every mesh and BN grouping: compiled once
                 initial[task] = train_helpers.initial_state(config, mesh)
             state = train_helpers.one_step(config, mesh, local, initial[task])

@@ -169,3 +169,19 @@ def test_the_command_rejects_an_unknown_allocator_before_doing_anything():
     assert "MNV2_HOST_ALLOCATOR must be one of ('auto', 'jemalloc', 'huge_pages', 'system'), got 'mimalloc'" in (
         finished.stderr
     )
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_bench_runs_detection_steps(mnv2, tmp_path, mode):
+    """The detector's train step (matching, mined loss) and inference step (with NMS), on synthetic targets."""
+    args = [
+        "--config",
+        "configs/ssdlite_bccd.py:width=0.35,resolution=32",
+        f"--config.model.stage_repeats={SHALLOW_STAGES}",
+    ]
+    status, out, err = mnv2("bench", *args, f"--mode={mode}", "--batch=8", "--steps=2", "--json")
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["mode"] == mode and result["resolution"] == 32 and result["images_per_s"] > 0
+    summary = json.loads(mnv2("summary", *args, "--json")[1])
+    assert result["flops_per_image"] > 2 * summary["macs"]  # the network's multiply-adds, and more for training

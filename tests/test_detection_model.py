@@ -1,13 +1,15 @@
 """SSDLite's size (issue 17, must-show 1): parameters and multiply-adds of the model against a count by hand from
 the released architecture, and against the paper's Table 5 / §6.2 figures."""
 
+import contextlib
+import io
+import json
+
 import pytest
 
 from mnv2_jax.detection import anchors
 from mnv2_jax.models.complexity import summarize
-from mnv2_jax.models.layers import Conventions
 from mnv2_jax.models.mobilenet_v2 import MobileNetV2
-from mnv2_jax.models.ssdlite import SSDHead, SSDLite
 
 MAP_CHANNELS = [576, 1280, 512, 256, 256, 128]  # layer_15/expansion_output, layer_19, the extra layers
 CLASS_OUTPUTS = 81  # COCO's 80 classes and the background
@@ -44,11 +46,28 @@ def head_by_hand(head: str, resolution: int) -> dict[str, dict[str, int]]:
 
 @pytest.fixture(scope="module")
 def summaries():
-    conventions = Conventions(bn_momentum=0.9997)
-    build = lambda head: SSDLite(
-        MobileNetV2(num_classes=0, conventions=conventions), SSDHead(80, conventions, head=head)
+    """`mnv2 summary --config configs/ssdlite_coco.py[:head=ssd] --json` (320x320, 80 classes)."""
+    from mnv2_jax.cli.main import main
+
+    results = {}
+    for head in ("ssdlite", "ssd"):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["mnv2", "summary", "--config", f"configs/ssdlite_coco.py:head={head}", "--json"]) == 0
+        results[head] = json.loads(out.getvalue())
+    return results
+
+
+def test_the_regular_ssd_variant_at_300_predicts_the_releases_1917_anchors(mnv2):
+    """`configs/ssdlite_coco.py:head=ssd,resolution=300`: regular 3x3 box predictors on maps 19/10/5/3/2/1."""
+    status, out, err = mnv2(
+        "summary", "--config", "configs/ssdlite_coco.py:head=ssd,resolution=300", "--json", "--per-layer"
     )
-    return {head: summarize(build(head), 320) for head in ("ssdlite", "ssd")}
+    assert status == 0, err
+    boxes = [row for row in json.loads(out)["layers"] if row["name"].endswith("BoxEncodingPredictor")]
+    assert [row["output_shape"][0] for row in boxes] == [19, 10, 5, 3, 2, 1]
+    assert {row["kind"] for row in boxes} == {"conv"}  # no depthwise before them in regular SSD
+    assert sum(height * width * outputs // 4 for height, width, outputs in (r["output_shape"] for r in boxes)) == 1917
 
 
 @pytest.mark.parametrize("head", ["ssdlite", "ssd"])
@@ -71,3 +90,22 @@ def test_sizes_reproduce_the_papers_figures(summaries):
     # Table 5 prints 0.35B multiply-adds for SSDLite's layers; the architecture gives 0.18B, and 0.35B would not
     # fit the paper's own 0.8B total (docs: see shared reference §8).
     assert round(head_macs(lite) / 1e9, 2) == 0.18
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.detection.head=yolo", "detection.head must be one of ('ssdlite', 'ssd'), got 'yolo'"),
+        ("--config.model.num_classes=0", "model.num_classes must be an int >= 1 for detection"),
+        ("--config.model.output_stride=16", "model.output_stride (detection) must be one of (32,), got 16"),
+        ("--config.detection.max_scale=1.5", "detection.max_scale must be in [0.1, 1.0], got 1.5"),
+        ("--config.detection.nms_iou_threshold=2.0", "detection.nms_iou_threshold must be in [0.0, 1.0], got 2.0"),
+        ("--config.detection.max_boxes=0", "detection.max_boxes must be a positive int, got 0"),
+        ("--config.eval_resolution=320", "eval_resolution=320: detection evaluates at `resolution` (256)"),
+        ("--config.data.crop_min_object_covered=(1.5,)", "data.crop_min_object_covered must be a non-empty tuple"),
+        ("--config.data.keep_image_probability=2.0", "data.keep_image_probability must be in [0.0, 1.0], got 2.0"),
+    ],
+)
+def test_bad_detection_fields_are_one_line_errors(mnv2, override, message):
+    status, _, err = mnv2("summary", "--config", "configs/ssdlite_bccd.py", override)
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -25,7 +25,13 @@ from mnv2_jax.training import checkpoint, distributed, plan, train
 
 
 @pytest.mark.parametrize(
-    "task, poison", [("classification", "nan_pixel"), ("classification", "inf_loss"), ("segmentation", "nan_pixel")]
+    "task, poison",
+    [
+        ("classification", "nan_pixel"),
+        ("classification", "inf_loss"),
+        ("segmentation", "nan_pixel"),
+        ("detection", "nan_pixel"),
+    ],
 )
 def test_a_nonfinite_step_leaves_the_state_unchanged(task, poison):
     """A NaN pixel poisons the batch statistics, the loss and every gradient; a logit bias of -inf for a class that
@@ -35,16 +41,17 @@ def test_a_nonfinite_step_leaves_the_state_unchanged(task, poison):
     mesh = distributed.make_mesh()
     trainer = train.build_trainer(config, plan.make_plan(config, 1000, 100, mesh.size, 1), mesh)
     state = jax.jit(trainer.create_state, out_shardings=distributed.replicated(mesh))(jax.random.key(0))
-    images, labels = fixed_batch(config)
+    batch = fixed_batch(config)
+    images = batch["image"]
     if poison == "nan_pixel":
         images[3, 5, 7, 1] = np.nan
     else:
         params = jax.tree.map(np.asarray, distributed.to_host(state.params))
         params["Logits"]["bias"] = params["Logits"]["bias"].copy()
-        params["Logits"]["bias"][labels[0]] = -np.inf
+        params["Logits"]["bias"][batch["label"][0]] = -np.inf
         state = state.replace(params=jax.device_put(params, distributed.replicated(mesh)))
     before = jax.tree.map(np.asarray, train.state_items(state))
-    state, metrics = trainer.train_step(state, distributed.global_batch({"image": images, "label": labels}, mesh))
+    state, metrics = trainer.train_step(state, distributed.global_batch(batch, mesh))
     assert int(metrics["train/nonfinite"]) == 1 and int(state.step) == 1
     if poison == "inf_loss":
         assert float(metrics["train/loss"]) == np.inf and np.isfinite(float(metrics["train/grad_norm"]))
@@ -53,7 +60,7 @@ def test_a_nonfinite_step_leaves_the_state_unchanged(task, poison):
         assert np.array_equal(a, b)
     if poison == "nan_pixel":
         images[3, 5, 7, 1] = 0.0
-        state, metrics = trainer.train_step(state, distributed.global_batch({"image": images, "label": labels}, mesh))
+        state, metrics = trainer.train_step(state, distributed.global_batch(batch, mesh))
         assert int(metrics["train/nonfinite"]) == 0 and int(state.step) == 2
         assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(distributed.to_host(state.params)))
     assert BATCH % mesh.size == 0

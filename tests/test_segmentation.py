@@ -158,7 +158,10 @@ def test_multi_scale_flipped_inference_is_deeplabs_average_of_probabilities():
             "segmentation.feature_endpoint must be one of layer_2 ... layer_19, got 'layer_20'",
         ),
         ("--config.segmentation.head_dropout_rate=1.0", "segmentation.head_dropout_rate must be in [0.0, 1.0)"),
-        ("--config.task=detection", "task must be one of ('classification', 'segmentation'), got 'detection'"),
+        (
+            "--config.task=keypoints",
+            "task must be one of ('classification', 'segmentation', 'detection'), got 'keypoints'",
+        ),
         ("--config.segmentation.eval_scales=(0.0,)", "segmentation.eval_scales must be a non-empty tuple of numbers"),
     ],
 )

@@ -1,15 +1,13 @@
 """Segmentation on the shared trainer: VOC-layout data (palette masks read as class ids), mIoU over every labelled
 pixel on any device count, the best checkpoint by mIoU, exact resume, and the backbone taken from a classifier."""
 
-import contextlib
-import io
 import json
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
-from train_helpers import SHALLOW_STAGES, assert_bitwise_equal, saved_state
+from train_helpers import SHALLOW_STAGES, assert_resume_is_exact, run_mnv2
 
 from mnv2_jax import tasks
 from mnv2_jax.data import voc
@@ -78,15 +76,6 @@ def segmentation_args(dataset, **overrides) -> list[str]:
     }
     args.update(overrides)
     return ["--config", "configs/deeplab_camvid.py:width=0.35"] + [f"--config.{k}={v}" for k, v in args.items()]
-
-
-def run_mnv2(*args) -> tuple[int, str]:
-    from mnv2_jax.cli.main import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        status = main(["mnv2", *map(str, args)])
-    return status, err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -172,16 +161,8 @@ def test_eval_on_any_device_count_counts_the_same_pixels(segmentation_run, voc_r
 
 
 def test_resume_ends_bitwise_equal_to_the_uninterrupted_run(segmentation_run, voc_root, classifier_workdir, tmp_path):
-    workdir = tmp_path / "resumed"
     args = segmentation_args(f"voc:{voc_root}", init_from=classifier_workdir[0])
-    status, err = run_mnv2("train", "--workdir", workdir, *args, "--config.num_train_steps=3")
-    assert status == 0, err[-3000:]
-    status, err = run_mnv2("train", "--workdir", workdir, *args)
-    assert status == 0, err[-3000:]
-    assert "resumed from" in err
-    (step, resumed), (_, uninterrupted) = saved_state(workdir), saved_state(segmentation_run[0])
-    assert step == 6
-    assert_bitwise_equal(resumed, uninterrupted)
+    assert_resume_is_exact(args, tmp_path / "resumed", segmentation_run[0])
 
 
 def test_palette_masks_are_read_as_class_ids(tmp_path):

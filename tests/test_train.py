@@ -42,7 +42,7 @@ def run_one_step(tmp_path, meshes, runs, processes=1) -> dict[str, dict[str, np.
 
 
 # Every task's step on any mesh; BN per group (of 8 of the 16 images) once, as it does not depend on the task.
-ONE_STEP_RUNS = ["classification-none", "classification-8", "segmentation-none"]
+ONE_STEP_RUNS = ["classification-none", "classification-8", "segmentation-none", "detection-none"]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_one_step_on_8_devices_equals_1_device(run, one_process_steps):
 def test_two_processes_with_four_devices_each_equal_one_device(one_process_steps, tmp_path):
     """Global BN statistics, whose reductions cross the processes (per-group statistics are checked on 8 devices,
     the same partitioned program), for each task."""
-    runs = ["classification-none", "segmentation-none"]
+    runs = ["classification-none", "segmentation-none", "detection-none"]
     two_processes = run_one_step(tmp_path, "all", ",".join(runs), processes=2)
     for run in runs:
         assert_same_state(two_processes[f"all-{run}"], one_process_steps[f"one-{run}"], rtol=1e-9, atol=1e-12)

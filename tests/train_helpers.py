@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 
 import jax
@@ -25,6 +27,8 @@ def tiny_config(bn_group_size=None, stage_repeats=SHALLOW_STAGES, task="classifi
         config.segmentation.feature_endpoint = "layer_9" if stage_repeats == SHALLOW_STAGES else "layer_18"
         config.segmentation.head_features = 16
         config.segmentation.head_bn_momentum = 0.9
+    if task == "detection":
+        config.detection.max_boxes = 8
     config.resolution = 32
     # float64: in float32 one step of a deep ReLU6/BN network at init is chaotic (a 1e-7 relative change of the input
     # moves some parameters by up to 1e-2 relative), which would hide real differences between meshes.
@@ -40,16 +44,28 @@ def tiny_config(bn_group_size=None, stage_repeats=SHALLOW_STAGES, task="classifi
     return config
 
 
-def fixed_batch(config):
-    """Images and labels (per image, or per pixel with a tenth of the pixels ignored) of one global batch."""
+def fixed_batch(config) -> dict[str, np.ndarray]:
+    """One global batch: images and the task's targets (a label per image; per pixel with a tenth of the pixels
+    ignored; or up to 5 boxes per image, padded to `detection.max_boxes`)."""
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (BATCH, config.resolution, config.resolution, 3))
     if config.task == "segmentation":
         labels = rng.integers(0, 10, (BATCH, config.resolution, config.resolution)).astype(np.int32)
         labels[rng.uniform(size=labels.shape) < 0.1] = 255
-        return images, labels
-    labels = rng.integers(0, 10, BATCH).astype(np.int32)
-    return images, labels
+        return {"image": images, "label": labels}
+    if config.task == "detection":
+        max_boxes = config.detection.max_boxes
+        corners = np.sort(rng.uniform(0, 1, (BATCH, max_boxes, 2, 2)), axis=2)
+        counts = rng.integers(0, 6, BATCH)
+        box_mask = np.arange(max_boxes)[None] < counts[:, None]
+        return {
+            "image": images,
+            "boxes": np.concatenate([corners[:, :, 0], corners[:, :, 1]], -1) * box_mask[..., None],
+            "classes": rng.integers(0, config.model.num_classes, (BATCH, max_boxes)).astype(np.int32) * box_mask,
+            "box_mask": box_mask,
+            "crowd": np.zeros_like(box_mask),
+        }
+    return {"image": images, "label": rng.integers(0, 10, BATCH).astype(np.int32)}
 
 
 def _trainer(config, mesh):
@@ -106,3 +122,26 @@ def saved_state(workdir) -> tuple[int, dict[str, np.ndarray]]:
         )
         arrays.update(path_names(item, tree))
     return step, arrays
+
+
+def run_mnv2(*args) -> tuple[int, str]:
+    """`mnv2 ARGS...` in this process; (exit status, stderr)."""
+    from mnv2_jax.cli.main import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(["mnv2", *map(str, args)])
+    return status, err.getvalue()
+
+
+def assert_resume_is_exact(train_args: list[str], workdir, uninterrupted_workdir, steps: int = 6) -> None:
+    """`mnv2 train` stopped at step 3 and run again in `workdir` ends bitwise equal to the uninterrupted run of
+    `steps` steps in `uninterrupted_workdir` (the same `train_args`)."""
+    status, err = run_mnv2("train", "--workdir", workdir, *train_args, "--config.num_train_steps=3")
+    assert status == 0, err[-3000:]
+    status, err = run_mnv2("train", "--workdir", workdir, *train_args)
+    assert status == 0, err[-3000:]
+    assert "resumed from" in err
+    (step, resumed), (_, uninterrupted) = saved_state(workdir), saved_state(uninterrupted_workdir)
+    assert step == steps
+    assert_bitwise_equal(resumed, uninterrupted)

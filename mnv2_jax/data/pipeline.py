@@ -34,7 +34,11 @@ from mnv2_jax.data import image_folder, local_datasets, tfds_segmentation, voc
 from mnv2_jax.errors import UserError
 
 IMAGEFOLDER_PREFIX = "imagefolder:"
-FILE_DATASETS = (tfds.folder_dataset.ImageFolder, voc.VocSegmentationFolder)  # read file by file, no sub-splits
+FILE_DATASETS = (
+    tfds.folder_dataset.ImageFolder,
+    voc.VocSegmentationFolder,
+    voc.VocDetectionFolder,
+)  # read file by file, no sub-splits
 # Per-pixel class ids: the number of classes is the config's (a TFDS dataset's `label`, if any, is another thing).
 SEGMENTATION_DATASETS = (voc.VocSegmentationFolder, tfds_segmentation.TfdsSegmentation)
 
@@ -73,13 +77,15 @@ def get_builder(
     prepare: bool = True,
     corrupt_images: str = "fail",
     task: str | None = None,
+    class_names: tuple[str, ...] | None = None,
 ) -> tfds.core.DatasetBuilder:
     """The TFDS builder for `dataset`: a registered TFDS name (`name[/config][:version]`), `imagefolder:<root>` or
     `voc:<root>`.
 
     An image folder's files are all decoded once here; `corrupt_images` (`fail`
     or `skip`) says what to do with those that do not decode. With `task`, a
-    folder that holds the other task's data is an error.
+    folder that holds the other task's data is an error. A `voc:<root>` folder is read for detection
+    (`Annotations/`, objects of `class_names`, None: the names found) when `task` is detection, else for segmentation.
 
     With `prepare`, a dataset that is not prepared yet is built from local files
     when we know how (Fashion-MNIST from Debian's package), else downloaded and
@@ -91,6 +97,11 @@ def get_builder(
             f"dataset {dataset!r} holds one label per image; task=segmentation reads '{voc.PREFIX}<root>' or a TFDS "
             "dataset with a per-pixel class-id feature (data.mask_feature)"
         )
+    if task == "detection" and dataset.startswith(IMAGEFOLDER_PREFIX):
+        raise DatasetError(
+            f"dataset {dataset!r} holds one label per image; task=detection reads '{voc.PREFIX}<root>' (Annotations/) "
+            "or a TFDS detection dataset (e.g. 'coco/2017', 'voc/2007')"
+        )
     if task == "classification" and dataset.startswith(voc.PREFIX):
         raise DatasetError(f"dataset {dataset!r} holds segmentation masks; set task=segmentation to train on it")
     if dataset.startswith(IMAGEFOLDER_PREFIX):
@@ -101,7 +112,10 @@ def get_builder(
             )
         return image_folder.CheckedImageFolder(root, corrupt_images)
     if dataset.startswith(voc.PREFIX):
-        return voc.VocSegmentationFolder(os.path.expanduser(dataset[len(voc.PREFIX) :]))
+        root = os.path.expanduser(dataset[len(voc.PREFIX) :])
+        if task == "detection":
+            return voc.VocDetectionFolder(root, class_names)
+        return voc.VocSegmentationFolder(root)
     if _registered_name(dataset) not in tfds.list_builders():
         if task == "segmentation":
             raise DatasetError(
@@ -129,7 +143,9 @@ def _prepare(builder: tfds.core.DatasetBuilder, dataset: str, data_dir: str | No
 def builder_for(config: ml_collections.ConfigDict, prepare: bool = True) -> tfds.core.DatasetBuilder:
     """`get_builder` for a config's `dataset`, `data_dir`, `data.corrupt_images` and task. Segmentation reads a
     TFDS dataset through its `data.mask_feature`, checked before anything is downloaded or prepared."""
-    builder = get_builder(config.dataset, config.data_dir, False, config.data.corrupt_images, config.task)
+    builder = get_builder(
+        config.dataset, config.data_dir, False, config.data.corrupt_images, config.task, config.data.class_names
+    )
     if config.task != "segmentation" or isinstance(builder, voc.VocSegmentationFolder):
         return _prepare(builder, config.dataset, config.data_dir) if prepare else builder
     mask_feature = config.data.mask_feature
@@ -145,8 +161,13 @@ def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
 
 def dataset_info(builder: tfds.core.DatasetBuilder) -> DatasetInfo:
     split_sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
+    if isinstance(builder, voc.VocDetectionFolder):
+        names = builder.class_names
+        return DatasetInfo(num_classes=len(names), class_names=names, split_sizes=split_sizes)
     features = {} if isinstance(builder, SEGMENTATION_DATASETS) else dict(builder.info.features.items())
     label = features.get("label")
+    if "objects" in features and "label" in features["objects"]:  # detection (coco, voc): the objects' classes
+        label = features["objects"]["label"]
     if not hasattr(label, "num_classes"):
         return DatasetInfo(num_classes=None, class_names=(), split_sizes=split_sizes)
     return DatasetInfo(num_classes=label.num_classes, class_names=tuple(label.names), split_sizes=split_sizes)

@@ -74,3 +74,8 @@ def generate(spec: AnchorSpec, sizes: list[tuple[int, int]]) -> np.ndarray:
 def for_resolution(resolution: int, spec: AnchorSpec = AnchorSpec()) -> np.ndarray:
     """The anchors of square `resolution` inputs: 1917 at 300, 2034 at 320 with the release's spec."""
     return generate(spec, [(size, size) for size in feature_map_sizes(resolution, spec.num_layers)])
+
+
+def spec_of(detection) -> AnchorSpec:
+    """The anchor spec of a config's `detection` section (its scales; the rest as released)."""
+    return AnchorSpec(min_scale=detection.min_scale, max_scale=detection.max_scale)

@@ -41,17 +41,22 @@ def match(
 
 
 def targets(
-    gt_boxes: jnp.ndarray, gt_classes: jnp.ndarray, gt_valid: jnp.ndarray, anchors: jnp.ndarray, num_classes: int
+    gt_boxes: jnp.ndarray,
+    gt_classes: jnp.ndarray,
+    gt_valid: jnp.ndarray,
+    anchors: jnp.ndarray,
+    num_classes: int,
+    matched_threshold: float = 0.5,
 ) -> dict[str, jnp.ndarray]:
     """One image's targets for its anchors `[M, 4]` from padded ground truth (`gt_boxes` `[N, 4]`, `gt_classes`
-    `[N]` in 0..num_classes-1, `gt_valid` `[N]`):
+    `[N]` in 0..num_classes-1, `gt_valid` `[N]`), matched at `matched_threshold` (and unmatched below it):
 
     - `matches` `[M]`: the matched box, UNMATCHED or IGNORED;
     - `box_codes` `[M, 4]`: the matched box encoded relative to its anchor (0 elsewhere);
     - `classes` `[M, num_classes + 1]`: one-hot with the background in column 0 (all zero where ignored);
     - `class_weights` `[M]`: 1 for matched and unmatched anchors, 0 for ignored; `box_weights` `[M]`: 1 if matched.
     """
-    matches = match(box_ops.iou(gt_boxes, anchors), gt_valid)
+    matches = match(box_ops.iou(gt_boxes, anchors), gt_valid, matched_threshold, matched_threshold)
     matched = matches >= 0
     index = jnp.maximum(matches, 0)
     codes = box_ops.encode(gt_boxes[index], anchors)

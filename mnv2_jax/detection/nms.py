@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mnv2_jax.detection import boxes as box_ops
 
@@ -47,20 +48,31 @@ def postprocess(
     without the background) and `num_detections` `[B]`, D = max_total_detections, best first, zero-padded."""
 
     def one_image(codes, logits):
-        boxes = box_ops.decode(codes, anchors)
-        scores = jax.nn.sigmoid(logits[:, 1:]).T  # [C, M]
-        indices, valid = per_class_nms(boxes, scores, spec)
-        per_class = indices.shape[1]
-        kept_scores = jnp.where(valid, jnp.take_along_axis(scores, indices, axis=1), -jnp.inf).reshape(-1)
-        top_scores, top = jax.lax.top_k(kept_scores, spec.max_total_detections)
-        found = top_scores > -jnp.inf
-        classes = top // per_class
-        box_index = indices.reshape(-1)[top]
-        return {
-            "boxes": jnp.where(found[:, None], boxes[box_index], 0.0),
-            "scores": jnp.where(found, top_scores, 0.0),
-            "classes": jnp.where(found, classes, 0),
-            "num_detections": jnp.sum(found),
-        }
+        return _select(box_ops.decode(codes, anchors), jax.nn.sigmoid(logits[:, 1:]), spec)
 
     return jax.vmap(one_image)(box_codes, class_logits)
+
+
+def _select(boxes: jnp.ndarray, scores: jnp.ndarray, spec: NmsSpec) -> dict[str, jnp.ndarray]:
+    """One image's detections from decoded `boxes` `[M, 4]` and class `scores` `[M, C]`."""
+    scores = scores.T  # [C, M]
+    indices, valid = per_class_nms(boxes, scores, spec)
+    per_class = indices.shape[1]
+    kept_scores = jnp.where(valid, jnp.take_along_axis(scores, indices, axis=1), -jnp.inf).reshape(-1)
+    top_scores, top = jax.lax.top_k(kept_scores, spec.max_total_detections)
+    found = top_scores > -jnp.inf
+    box_index = indices.reshape(-1)[top]
+    return {
+        "boxes": jnp.where(found[:, None], boxes[box_index], 0.0),
+        "scores": jnp.where(found, top_scores, 0.0),
+        "classes": jnp.where(found, top // per_class, 0),
+        "num_detections": jnp.sum(found),
+    }
+
+
+def select(output: np.ndarray, spec: NmsSpec = NmsSpec()) -> dict[str, np.ndarray]:
+    """NMS for an exported detector's output of one image, `[anchors, 4 + classes]` (decoded boxes, then class
+    scores): the same detections as `postprocess`, as numpy arrays (`boxes`, `scores`, `classes`, `num_detections`)."""
+    output = jnp.asarray(output, jnp.float32)
+    detections = jax.jit(_select, static_argnums=2)(output[:, :4], output[:, 4:], spec)
+    return {name: np.asarray(value) for name, value in detections.items()}

@@ -50,10 +50,32 @@ def export_model(config: ml_collections.ConfigDict) -> MobileNetV2 | MobileDeepL
 
 
 def output_shape(config: ml_collections.ConfigDict, batch: int | None) -> list[int | None]:
-    """The exported model's output: logits per image, or per pixel at the input's size (segmentation)."""
+    """The exported model's output: logits per image, per pixel at the input's size (segmentation), or per anchor
+    its decoded box and class scores (detection)."""
     if config.task == "segmentation":
         return [batch, config.resolution, config.resolution, config.model.num_classes]
+    if config.task == "detection":
+        anchors = tasks.get(config).anchors(config.resolution)
+        return [batch, len(anchors), 4 + config.model.num_classes]
     return [batch, config.model.num_classes]
+
+
+def export_function(config: ml_collections.ConfigDict, model) -> Any:
+    """`(variables, images) -> output` of the exported graph: the model's logits, or for detection each anchor's
+    decoded box (normalised ymin, xmin, ymax, xmax) and sigmoid class scores in one `[B, anchors, 4 + classes]`
+    tensor; NMS is the caller's step (`mnv2_jax.detection.nms.select`)."""
+    if config.task != "detection":
+        return lambda variables, images: model.apply(variables, images, train=False)[0]
+    from mnv2_jax.detection import boxes as box_ops
+
+    anchors = tasks.get(config).anchors(config.resolution)
+
+    def detect(variables, images):
+        outputs = model.apply(variables, images, train=False)[0]
+        decoded = box_ops.decode(outputs["box_codes"], anchors)
+        return jax.numpy.concatenate([decoded, jax.nn.sigmoid(outputs["class_logits"][..., 1:])], axis=-1)
+
+    return detect
 
 
 def as_float32(variables: Any) -> dict[str, Any]:
@@ -130,6 +152,11 @@ def _preprocessing_metadata(mode: str) -> dict[str, Any]:
 
 
 def _output_meaning(config: ml_collections.ConfigDict) -> str:
+    if config.task == "detection":
+        return (
+            "per anchor: columns 0-3 the decoded box (ymin, xmin, ymax, xmax, normalised to the input), then each "
+            "class's sigmoid score; per-class NMS is the caller's step: mnv2_jax.detection.nms.select(output[0])"
+        )
     if config.task == "segmentation":
         return "per-pixel class logits (NHWC) at the input's size; the class of a pixel is their argmax"
     return "class logits; softmax gives the class probabilities"
@@ -182,9 +209,7 @@ def export(
 def _write(config, variables, fmt: str, out: str, options: ExportOptions) -> dict[str, Any]:
     resolution = config.resolution
     model = export_model(config)
-
-    def apply_fn(variables, images):
-        return model.apply(variables, images, train=False)[0]
+    apply_fn = export_function(config, model)
 
     if fmt in ("torch", "safetensors"):
         return _write_torch(config, variables, fmt, out, options, model)

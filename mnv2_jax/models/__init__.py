@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mnv2_jax.detection import anchors
 from mnv2_jax.models.deeplab import DeepLabHead, MobileDeepLabV3, aspp_rates
 from mnv2_jax.models.layers import Conventions, make_divisible
-from mnv2_jax.models.mobilenet_v2 import LayerSpec, MobileNetV2, layer_specs, predict
+from mnv2_jax.models.mobilenet_v2 import BackboneWithHead, LayerSpec, MobileNetV2, layer_specs, predict, stage_repeats
+from mnv2_jax.models.ssdlite import SSDHead, SSDLite, feature_endpoints
 
 __all__ = [
     "Conventions",
@@ -20,9 +22,12 @@ __all__ = [
     "LayerSpec",
     "MobileDeepLabV3",
     "MobileNetV2",
+    "SSDHead",
+    "SSDLite",
     "abstract_variables",
     "backbone_of",
     "build",
+    "build_detector",
     "build_model",
     "build_segmenter",
     "layer_specs",
@@ -83,10 +88,33 @@ def build_segmenter(
     )
 
 
-def build(config: ml_collections.ConfigDict, **overrides) -> MobileNetV2 | MobileDeepLabV3:
-    """The model of `config.task`: the classifier, or the segmenter."""
+def build_detector(
+    model_config: ml_collections.ConfigDict, detection: ml_collections.ConfigDict, **overrides
+) -> SSDLite:
+    """SSD(Lite) described by `config.model` (backbone, object classes) and `config.detection` (head, anchors)."""
+    cfg = _model_config(model_config, overrides)
+    backbone = _backbone(cfg, num_classes=0)
+    spec = anchors.spec_of(detection)
+    head = SSDHead(
+        num_classes=cfg.num_classes,
+        conventions=backbone.conventions,
+        anchors_per_location=tuple(anchors.anchors_per_location(spec)),
+        head=detection.head,
+        depth_multiplier=cfg.width,  # the extra layers' depths, as the API's feature extractor scales them
+        feature_endpoints=feature_endpoints(stage_repeats(cfg.stage_repeats)),
+    )
+    return SSDLite(backbone, head, fine_tune_batch_norm=detection.fine_tune_batch_norm)
+
+
+TaskModel = MobileNetV2 | MobileDeepLabV3 | SSDLite
+
+
+def build(config: ml_collections.ConfigDict, **overrides) -> TaskModel:
+    """The model of `config.task`: the classifier, the segmenter or the detector."""
     if config.task == "segmentation":
         return build_segmenter(config.model, config.segmentation, **overrides)
+    if config.task == "detection":
+        return build_detector(config.model, config.detection, **overrides)
     return build_model(config.model, **overrides)
 
 
@@ -96,11 +124,11 @@ def abstract_variables(model: nn.Module, resolution: int, in_channels: int = 3) 
     return jax.eval_shape(model.init, jax.random.key(0), images)
 
 
-def backbone_of(model: MobileNetV2 | MobileDeepLabV3) -> MobileNetV2:
+def backbone_of(model: TaskModel) -> MobileNetV2:
     """The MobileNetV2 inside a task's model (the classifier is its own backbone)."""
-    return model.backbone if isinstance(model, MobileDeepLabV3) else model
+    return model.backbone if isinstance(model, BackboneWithHead) else model
 
 
-def with_backbone(model: MobileNetV2 | MobileDeepLabV3, backbone: MobileNetV2) -> MobileNetV2 | MobileDeepLabV3:
+def with_backbone(model: TaskModel, backbone: MobileNetV2) -> TaskModel:
     """`model` with its MobileNetV2 replaced (e.g. by a clone with other inference settings)."""
-    return model.clone(backbone=backbone) if isinstance(model, MobileDeepLabV3) else backbone
+    return model.clone(backbone=backbone) if isinstance(model, BackboneWithHead) else backbone

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -327,7 +328,7 @@ def resolve_inference_chunk(chunk: int | None, backend: str | None = None) -> in
     return chunk
 
 
-def predict(model: MobileNetV2, variables: dict, images: jax.Array, batch_shards: int = 1) -> jax.Array:
+def predict(model: nn.Module, variables: dict, images: jax.Array, batch_shards: int = 1) -> Any:
     """`model.apply(variables, images, train=False)[0]`, run `model.inference_chunk` images per device at a time.
 
     Chunking changes only the order of the work: every image goes through the same network (inference batch
@@ -351,6 +352,9 @@ def predict(model: MobileNetV2, variables: dict, images: jax.Array, batch_shards
         x = x.reshape(batch_shards, steps, chunk, *x.shape[1:]).swapaxes(0, 1)
         return x.reshape(steps, batch_shards * chunk, *x.shape[3:])
 
+    def in_batch_order(y: jax.Array) -> jax.Array:  # (steps, batch_shards * chunk, ...) -> (batch, ...)
+        y = y.reshape(steps, batch_shards, chunk, *y.shape[2:]).swapaxes(0, 1)
+        return y.reshape(batch, *y.shape[3:])
+
     _, outputs = lax.scan(lambda _, x: (None, forward(x)), None, by_step(images), unroll=min(_PREDICT_UNROLL, steps))
-    outputs = outputs.reshape(steps, batch_shards, chunk, *outputs.shape[2:]).swapaxes(0, 1)
-    return outputs.reshape(batch, *outputs.shape[3:])
+    return jax.tree.map(in_batch_order, outputs)  # logits, or a detector's dict of outputs

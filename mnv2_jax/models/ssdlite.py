@@ -28,6 +28,13 @@ def extra_layer_scopes(index: int, depth: int) -> tuple[str, str]:
     return f"layer_19_1_Conv2d_{index}_1x1_{depth // 2}", f"layer_19_2_Conv2d_{index}_3x3_s2_{depth}"
 
 
+def feature_endpoints(stage_repeats: tuple[int, ...]) -> tuple[str, str]:
+    """The endpoints SSD reads from a backbone of `stage_repeats` blocks per stage: the expansion of stage 6's first
+    block (output stride 16) and the last layer (32); `layer_15/expansion_output` and `layer_19` for the paper's."""
+    first_of_stage_6 = 2 + sum(stage_repeats[:5])  # layer_1 is the stem
+    return f"layer_{first_of_stage_6}/expansion_output", f"layer_{2 + sum(stage_repeats)}"
+
+
 class BoxPredictor(nn.Module):
     """One feature map's box codes `[B, H*W*A, 4]` and class logits `[B, H*W*A, classes + 1]`."""
 
@@ -72,15 +79,18 @@ class SSDHead(nn.Module):
     extra_depths: tuple[int, ...] = EXTRA_DEPTHS
     depth_multiplier: float = 1.0
     min_depth: int = 16
+    # The backbone's maps the first two predictors read: stage 6's first expansion and the last 1x1 conv (other
+    # layer numbers for networks of other depths, see `feature_endpoints`).
+    feature_endpoints: tuple[str, str] = FEATURE_ENDPOINTS
 
     @nn.compact
     def __call__(self, endpoints: dict[str, jax.Array], train: bool) -> tuple[dict[str, jax.Array], list[jax.Array]]:
         if self.head not in HEADS:
             raise ValueError(f"detection.head must be one of {HEADS}, got {self.head!r}")
         conv = self.conventions
-        maps = [endpoints[name] for name in FEATURE_ENDPOINTS]
+        maps = [endpoints[name] for name in self.feature_endpoints]
         x = maps[-1]
-        for index, depth in enumerate(self.extra_depths, start=len(FEATURE_ENDPOINTS)):
+        for index, depth in enumerate(self.extra_depths, start=len(self.feature_endpoints)):
             depth = max(int(depth * self.depth_multiplier), self.min_depth)
             reduce_scope, conv_scope = extra_layer_scopes(index, depth)
             x = ConvBN(depth // 2, conv, name=reduce_scope)(x, train)
@@ -111,6 +121,7 @@ class SSDLite(BackboneWithHead):
     """
 
     head: SSDHead
+    fine_tune_batch_norm: bool = True  # False: the backbone's BN uses its stored statistics in training too
 
     @staticmethod
     def part_of(scope: str) -> str:
@@ -120,7 +131,7 @@ class SSDLite(BackboneWithHead):
         return "extra_layers" if scope.startswith("layer_19_") else "backbone"
 
     def __call__(self, images: jax.Array, train: bool = False) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-        _, endpoints = self.backbone(images, train)
+        _, endpoints = self.backbone(images, train and self.fine_tune_batch_norm)
         outputs, maps = self.head(endpoints, train)
         endpoints.update({f"feature_map_{i}": feature_map for i, feature_map in enumerate(maps)})
         return outputs, endpoints

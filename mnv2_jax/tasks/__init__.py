@@ -11,11 +11,16 @@ import ml_collections
 
 from mnv2_jax.tasks.base import Task
 from mnv2_jax.tasks.classification import Classification
+from mnv2_jax.tasks.detection import Detection
 from mnv2_jax.tasks.segmentation import Segmentation
 
-TASK_TYPES: dict[str, type[Task]] = {"classification": Classification, "segmentation": Segmentation}
+TASK_TYPES: dict[str, type[Task]] = {
+    "classification": Classification,
+    "segmentation": Segmentation,
+    "detection": Detection,
+}
 
-__all__ = ["TASK_TYPES", "Classification", "Segmentation", "Task", "get"]
+__all__ = ["TASK_TYPES", "Classification", "Detection", "Segmentation", "Task", "get"]
 
 
 def get(config: ml_collections.ConfigDict) -> Task:

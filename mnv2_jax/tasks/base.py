@@ -20,13 +20,17 @@ class Task(abc.ABC):
     `padding_example` fills the last eval batches (its `mask` is False). Every batch has `image`; eval batches
     also have `mask`.
     Compiled parts (pure jax, run on the global batch): `loss` for training, `eval_sums` per eval batch (sums over
-    the batch, padding masked out), and on the host `eval_results` turns their totals into `eval/...` metrics.
+    the batch, padding masked out; or per-example arrays, see `per_example_eval`), and on the host `eval_results`
+    turns their totals into `eval/...` metrics.
     """
 
     name: str
     features: tuple[str, ...]  # the undecoded example's fields the task reads
     best_metric: str  # the eval metric (higher is better) that picks the best checkpoint
     padding_label: int = 0  # the label of padded eval examples (masked out either way)
+    # False: `eval_sums` returns sums, added up over the batches; True: per-example arrays (leading batch axis),
+    # concatenated over the batches on the host (padding included, `mask` among them), e.g. detections for COCO mAP.
+    per_example_eval: bool = False
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -74,6 +78,10 @@ class Task(abc.ABC):
     def eval_results(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
         """`eval/...` metrics from the totals of `eval_sums` over the whole split; includes `eval/count`."""
 
+    def postprocess(self, outputs: Any, resolution: int) -> Any:
+        """What inference hands the user from the model's outputs (detection: boxes after NMS); else the outputs."""
+        return outputs
+
     def input_shape(self, batch_size: int) -> tuple[int, ...]:
         """The model input's shape for `batch_size` images (init, bench)."""
         return (batch_size, self.config.resolution, self.config.resolution, 3)
@@ -84,3 +92,9 @@ class Task(abc.ABC):
             "image": np.zeros(self.input_shape(batch_size), np.float32),
             "label": np.zeros((batch_size, *self.label_shape(self.config.resolution)), np.int32),
         }
+
+    def synthetic_batch(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """A training batch of random targets (bench); the images are the caller's."""
+        batch = self.dummy_batch(batch_size)
+        batch["label"] = rng.integers(0, self.num_classes, batch["label"].shape).astype(np.int32)
+        return batch

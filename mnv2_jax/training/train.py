@@ -49,6 +49,8 @@ def resolve_num_classes(config: ml_collections.ConfigDict, info: pipeline.Datase
             f"model.num_classes={config.model.num_classes} but dataset {config.dataset!r} has {info.num_classes} "
             f"classes; set --config.model.num_classes={info.num_classes} (or None in the config file: from the data)"
         )
+    if config.task == "detection" and config.data.class_names is None and len(info.class_names) == info.num_classes:
+        config.data.class_names = info.class_names  # names the per-class metrics and predictions
     return config
 
 
@@ -158,11 +160,17 @@ def evaluate(
         distributed.mesh_process_index(mesh),
         distributed.mesh_process_count(mesh),
     )
-    totals = None
+    task = tasks.get(config)
+    totals, parts = None, []
     for local in batches.as_numpy_iterator():
         sums = eval_step(variables, distributed.global_batch(local, mesh))
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    return tasks.get(config).eval_results(distributed.to_host(totals))
+        if task.per_example_eval:
+            parts.append(distributed.to_host(sums))
+        else:
+            totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    if task.per_example_eval:
+        return task.eval_results({name: np.concatenate([part[name] for part in parts]) for name in parts[0]})
+    return task.eval_results(distributed.to_host(totals))
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -1,0 +1,188 @@
+"""Detection on the shared trainer (issue 17): VOC detection data, COCO mAP over every eval image on any device
+count, the best checkpoint by mAP, and exact resume, as for the other tasks."""
+
+import contextlib
+import io
+import json
+
+import jax
+import numpy as np
+import pytest
+from test_detection_data import CLASSES, write_voc_detection_folder
+from train_helpers import SHALLOW_STAGES, assert_resume_is_exact, run_mnv2
+
+from mnv2_jax import tasks
+from mnv2_jax.cli.main import main
+from mnv2_jax.training import checkpoint, metrics, train
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("detection_run")]
+
+
+def detection_args(dataset, **overrides) -> list[str]:
+    """6 steps of 8 images at 32x32 (16 training images: an epoch is 2 steps), evaluated every epoch."""
+    args = {
+        "dataset": dataset,
+        "train_split": "train",
+        "eval_split": "val",
+        "resolution": 32,
+        "batch_size": 8,
+        "eval_batch_size": 8,
+        "num_train_steps": 6,
+        "log_every_steps": 2,
+        "checkpoint_every_steps": 2,
+        "eval_every_epochs": 1.0,
+        "keep_checkpoints": 1,
+        "model.stage_repeats": SHALLOW_STAGES,
+        "data.class_names": CLASSES,
+        "data.cache": False,
+        "detection.max_boxes": 8,
+        "optimizer.ema_decay": 0.9,
+        "optimizer.schedule": "constant",  # the same rate whatever num_train_steps (the resume test stops at 3)
+    }
+    args.update(overrides)
+    return ["--config", "configs/ssdlite_bccd.py:width=0.35"] + [f"--config.{k}={v}" for k, v in args.items()]
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voc_detection")
+    write_voc_detection_folder(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def detection_run(tmp_path_factory, voc_root):
+    """`mnv2 train` of the detector on 8 devices."""
+    workdir = tmp_path_factory.mktemp("detection") / "workdir"
+    status, err = run_mnv2("train", "--workdir", workdir, *detection_args(f"voc:{voc_root}"))
+    assert status == 0, err[-3000:]
+    return workdir, err
+
+
+def test_training_logs_ssd_losses_and_coco_metrics_of_every_eval_image(detection_run):
+    workdir, err = detection_run
+    assert "left out 1 degenerate boxes" in err
+    records = metrics.read_metrics(str(workdir))
+    train_records = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6]
+    expected = {"train/classification_loss", "train/localization_loss", "train/matches_per_image", "train/grad_norm"}
+    assert expected <= train_records[0].keys()
+    assert all(r["train/matches_per_image"] >= 1 for r in train_records)  # every image's boxes claim an anchor
+    evals = [r for r in records if "eval/mAP" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all(r["eval/count"] == 5 for r in evals)
+    assert {"eval/mAP50", "eval/mAP75", "eval/mAP_small", "eval/AR100"} <= evals[-1].keys()
+    assert {f"eval/AP50/{name}" for name in CLASSES} & evals[-1].keys()
+    assert all(0 <= r["eval/mAP"] <= r["eval/mAP50"] <= 1 for r in evals)
+
+
+def test_the_best_checkpoint_is_kept_by_map(detection_run, tmp_path):
+    _, config = checkpoint.restore_config(str(detection_run[0]))
+    config.keep_checkpoints = 1
+    mngr = train.checkpoint_manager(str(tmp_path), config, tasks.get(config).best_metric)
+    for step, value in [(1, 0.5), (2, 0.9), (3, 0.1), (4, 0.2)]:
+        checkpoint.save(
+            mngr, step, {"params": {"w": np.full(2, step)}}, config, metrics={"eval/mAP": value}, force=True
+        )
+    mngr.wait_until_finished()
+    assert set(mngr.all_steps()) == {2, 4}
+    mngr.close()
+
+
+def test_eval_on_any_device_count_gathers_the_same_detections(detection_run):
+    workdir, _ = detection_run
+    reference = [r for r in metrics.read_metrics(str(workdir)) if "eval/mAP" in r][-1]
+    for devices, batch in ((1, 8), (3, 6)):
+        overrides = {"eval_batch_size": batch}
+        _, results = train.evaluate_checkpoint(str(workdir), devices=jax.devices()[:devices], overrides=overrides)
+        assert results["eval/count"] == 5
+        for name in ("eval/mAP", "eval/mAP50", "eval/AR100", "eval/detections_per_image"):
+            assert results[name] == pytest.approx(reference[name], abs=1e-6), name
+
+
+def test_resume_ends_bitwise_equal_to_the_uninterrupted_run(detection_run, voc_root, tmp_path):
+    assert_resume_is_exact(detection_args(f"voc:{voc_root}"), tmp_path / "resumed", detection_run[0])
+
+
+def test_predict_prints_boxes_in_pixels_of_each_image_and_draws_them(detection_run, voc_root, tmp_path):
+    from PIL import Image
+
+    workdir, _ = detection_run
+    images = [voc_root / "JPEGImages" / f"val_00{i}.jpg" for i in range(2)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(["mnv2", "predict", "--workdir", str(workdir), "--json", "--min_score=0", *map(str, images)])
+    assert status == 0
+    report = json.loads(out.getvalue())
+    for path in images:
+        width, height = Image.open(path).size
+        detections = report[str(path)]
+        assert detections and [d["score"] for d in detections] == sorted((d["score"] for d in detections), reverse=True)
+        for found in detections:
+            xmin, ymin, xmax, ymax = found["box"]
+            assert 0 <= xmin <= xmax <= width and 0 <= ymin <= ymax <= height
+            assert found["label"] == CLASSES[found["class_id"]]
+    status = main(["mnv2", "predict", "--workdir", str(workdir), "--out", str(tmp_path), str(images[0])])
+    assert status == 0 and Image.open(tmp_path / "val_000_detections.png").size == Image.open(images[0]).size
+
+
+def test_the_exported_tflite_detector_gives_the_jax_models_boxes_and_scores(detection_run, shared_data, tmp_path):
+    """Float TFLite in the real interpreter on BCCD's test photos: every anchor's decoded box within 1e-3 of the
+    image size and its scores within 1e-4 of the JAX model's; after NMS (`nms.select`, the caller's step) the same
+    top detections. The int8 model runs on the same photos with its scores within one quantisation step plus 0.05."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mnv2_jax import inference
+    from mnv2_jax.data import preprocessing
+    from mnv2_jax.detection import nms
+    from mnv2_jax.export import routes
+
+    workdir, _ = detection_run
+    config, model, variables = inference.load_model(str(workdir))
+    task = tasks.get(config)
+    expected_fn = jax.jit(routes.export_function(config, model))
+    ids = (shared_data / "bccd" / "BCCD" / "ImageSets" / "Main" / "test.txt").read_text().split()[:4]
+    photos = [shared_data / "bccd" / "BCCD" / "JPEGImages" / f"{i}.jpg" for i in ids]
+    images = [
+        preprocessing.normalize(preprocessing.load_image(str(p), config.resolution), config.model.preprocessing)
+        for p in photos
+    ]
+    outputs = {}
+    for fmt in ("tflite", "tflite-int8"):
+        out = tmp_path / f"detector-{fmt}.tflite"
+        status, err = run_mnv2("export", "--workdir", workdir, "--format", fmt, "--out", out)
+        assert status == 0, err[-3000:]
+        with open(routes.metadata_path(str(out))) as f:
+            metadata = json.load(f)
+        interpreter = Interpreter(model_path=str(out))
+        interpreter.allocate_tensors()
+        (given,), (taken,) = interpreter.get_input_details(), interpreter.get_output_details()
+        results = []
+        for image in images:
+            x = image[None].astype(np.float32)
+            if fmt == "tflite-int8":
+                scale, zero = given["quantization"]
+                x = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)
+            interpreter.set_tensor(given["index"], x)
+            interpreter.invoke()
+            y = interpreter.get_tensor(taken["index"])[0].astype(np.float32)
+            if fmt == "tflite-int8":
+                scale, zero = taken["quantization"]
+                y = (y - zero) * scale
+            results.append(y)
+        outputs[fmt] = (np.stack(results), metadata)
+    expected = np.asarray(expected_fn(variables, np.stack(images).astype(np.float32)))
+    got, metadata = outputs["tflite"]
+    assert metadata["output"]["shape"] == [1, len(task.anchors(config.resolution)), 4 + len(CLASSES)]
+    np.testing.assert_allclose(got[..., :4], expected[..., :4], atol=1e-3)
+    np.testing.assert_allclose(got[..., 4:], expected[..., 4:], atol=1e-4)
+    for image_output, image in zip(got, images, strict=True):
+        selected = nms.select(image_output, task.nms_spec)
+        reference = jax.device_get(task.detect(model.apply(variables, image[None])[0], config.resolution))
+        top = 10
+        np.testing.assert_array_equal(selected["classes"][:top], reference["classes"][0][:top])
+        np.testing.assert_allclose(selected["scores"][:top], reference["scores"][0][:top], atol=1e-4)
+        np.testing.assert_allclose(selected["boxes"][:top], reference["boxes"][0][:top], atol=1e-3)
+    quantised, metadata = outputs["tflite-int8"]
+    step = metadata["quantization"]["output"]["scale"]
+    assert np.abs(quantised[..., 4:] - expected[..., 4:]).mean() < step + 0.05

@@ -103,6 +103,9 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     det.nms_iou_threshold = 0.6
     det.max_detections = 100
     det.fine_tune_batch_norm = True  # False: the backbone's BN keeps its stored statistics (small batches, imports)
+    # The initial score of every class at every anchor (the class logits' bias: RetinaNet's prior, 0.01 there);
+    # None: 1/2 (bias 0), as released.
+    det.class_prior = config_dict.placeholder(float)
 
     # Data: a TFDS dataset by name (segmentation: one with a per-pixel class-id feature), `imagefolder:<root>`
     # (classification) or `voc:<root>` (segmentation).
@@ -327,6 +330,8 @@ def validate_detection(config: ml_collections.ConfigDict) -> None:
     _check_range("detection.score_threshold", det.score_threshold, 0.0, 1.0)
     _check_range("detection.nms_iou_threshold", det.nms_iou_threshold, 0.0, 1.0, closed_high=True)
     _check_choice("detection.fine_tune_batch_norm", det.fine_tune_batch_norm, (False, True))
+    if det.class_prior is not None:
+        _check_range("detection.class_prior", det.class_prior, 1e-6, 1.0)
     if config.eval_resolution not in (None, config.resolution):
         raise ConfigError(
             f"eval_resolution={config.eval_resolution}: detection evaluates at `resolution` ({config.resolution}), "

@@ -98,7 +98,7 @@ def test_sizes_reproduce_the_papers_figures(summaries):
         ("--config.detection.head=yolo", "detection.head must be one of ('ssdlite', 'ssd'), got 'yolo'"),
         ("--config.model.num_classes=0", "model.num_classes must be an int >= 1 for detection"),
         ("--config.model.output_stride=16", "model.output_stride (detection) must be one of (32,), got 16"),
-        ("--config.detection.max_scale=1.5", "detection.max_scale must be in [0.1, 1.0], got 1.5"),
+        ("--config.detection.max_scale=1.5", "detection.max_scale must be in [0.2, 1.0], got 1.5"),
         ("--config.detection.nms_iou_threshold=2.0", "detection.nms_iou_threshold must be in [0.0, 1.0], got 2.0"),
         ("--config.detection.max_boxes=0", "detection.max_boxes must be a positive int, got 0"),
         ("--config.eval_resolution=320", "eval_resolution=320: detection evaluates at `resolution` (256)"),

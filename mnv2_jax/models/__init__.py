@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -88,6 +89,12 @@ def build_segmenter(
     )
 
 
+def class_bias_init(prior: float | None) -> float:
+    """The class logits' initial bias for an initial sigmoid score of `prior` (RetinaNet's); 0 (a score of 1/2,
+    the SSDLite release's) when None."""
+    return 0.0 if prior is None else -math.log((1 - prior) / prior)
+
+
 def build_detector(
     model_config: ml_collections.ConfigDict, detection: ml_collections.ConfigDict, **overrides
 ) -> SSDLite:
@@ -100,7 +107,10 @@ def build_detector(
         conventions=backbone.conventions,
         anchors_per_location=tuple(anchors.anchors_per_location(spec)),
         head=detection.head,
-        depth_multiplier=cfg.width,  # the extra layers' depths, as the API's feature extractor scales them
+        depth_multiplier=cfg.width,
+        class_bias_init=class_bias_init(
+            detection.class_prior
+        ),  # the extra layers' depths, as the API's feature extractor scales them
         feature_endpoints=feature_endpoints(stage_repeats(cfg.stage_repeats)),
     )
     return SSDLite(backbone, head, fine_tune_batch_norm=detection.fine_tune_batch_norm)

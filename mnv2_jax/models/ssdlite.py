@@ -43,8 +43,9 @@ class BoxPredictor(nn.Module):
     conventions: Conventions
     head: str = "ssdlite"
     stddev: float = 0.03
+    class_bias_init: float = 0.0  # the class logits' initial bias (the API's `class_prediction_bias_init`)
 
-    def _branch(self, x: jax.Array, features: int, name: str, train: bool) -> jax.Array:
+    def _branch(self, x: jax.Array, features: int, name: str, train: bool, bias_init: float = 0.0) -> jax.Array:
         conv = self.conventions
         kernel = 3
         if self.head == "ssdlite":
@@ -58,6 +59,7 @@ class BoxPredictor(nn.Module):
             dtype=conv.dtype,
             param_dtype=conv.param_dtype,
             kernel_init=nn.initializers.truncated_normal(self.stddev),
+            bias_init=nn.initializers.constant(bias_init),
             name=name,
         )(x.astype(conv.dtype))
         return y.reshape(y.shape[0], -1, features // self.num_anchors).astype(conv.param_dtype)
@@ -65,7 +67,7 @@ class BoxPredictor(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         boxes = self._branch(x, 4 * self.num_anchors, "BoxEncodingPredictor", train)
-        classes = self._branch(x, self.num_outputs * self.num_anchors, "ClassPredictor", train)
+        classes = self._branch(x, self.num_outputs * self.num_anchors, "ClassPredictor", train, self.class_bias_init)
         return boxes, classes
 
 
@@ -79,6 +81,7 @@ class SSDHead(nn.Module):
     extra_depths: tuple[int, ...] = EXTRA_DEPTHS
     depth_multiplier: float = 1.0
     min_depth: int = 16
+    class_bias_init: float = 0.0
     # The backbone's maps the first two predictors read: stage 6's first expansion and the last 1x1 conv (other
     # layer numbers for networks of other depths, see `feature_endpoints`).
     feature_endpoints: tuple[str, str] = FEATURE_ENDPOINTS
@@ -104,7 +107,14 @@ class SSDHead(nn.Module):
             raise ValueError(f"{len(maps)} feature maps for {len(self.anchors_per_location)} anchor layers")
         box_codes, class_logits = [], []
         for index, (feature_map, anchors) in enumerate(zip(maps, self.anchors_per_location, strict=True)):
-            predictor = BoxPredictor(anchors, self.num_classes + 1, conv, self.head, name=f"BoxPredictor_{index}")
+            predictor = BoxPredictor(
+                anchors,
+                self.num_classes + 1,
+                conv,
+                self.head,
+                class_bias_init=self.class_bias_init,
+                name=f"BoxPredictor_{index}",
+            )
             boxes, classes = predictor(feature_map, train)
             box_codes.append(boxes)
             class_logits.append(classes)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from test_detection_data import CLASSES, write_voc_detection_folder
-from train_helpers import SHALLOW_STAGES, assert_resume_is_exact, run_mnv2
+from train_helpers import assert_resume_is_exact, run_mnv2, small_task_run_args
 
 from mnv2_jax import tasks
 from mnv2_jax.cli.main import main
@@ -19,28 +19,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("detection_run")]
 
 
 def detection_args(dataset, **overrides) -> list[str]:
-    """6 steps of 8 images at 32x32 (16 training images: an epoch is 2 steps), evaluated every epoch."""
-    args = {
-        "dataset": dataset,
+    """The small task run (`train_helpers.SMALL_TASK_RUN`) at 32x32."""
+    fields = {
         "train_split": "train",
         "eval_split": "val",
         "resolution": 32,
-        "batch_size": 8,
-        "eval_batch_size": 8,
-        "num_train_steps": 6,
-        "log_every_steps": 2,
-        "checkpoint_every_steps": 2,
-        "eval_every_epochs": 1.0,
-        "keep_checkpoints": 1,
-        "model.stage_repeats": SHALLOW_STAGES,
         "data.class_names": CLASSES,
-        "data.cache": False,
         "detection.max_boxes": 8,
-        "optimizer.ema_decay": 0.9,
-        "optimizer.schedule": "constant",  # the same rate whatever num_train_steps (the resume test stops at 3)
+        **overrides,
     }
-    args.update(overrides)
-    return ["--config", "configs/ssdlite_bccd.py:width=0.35"] + [f"--config.{k}={v}" for k, v in args.items()]
+    return small_task_run_args("configs/ssdlite_bccd.py:width=0.35", dataset, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +174,12 @@ def test_the_exported_tflite_detector_gives_the_jax_models_boxes_and_scores(dete
     quantised, metadata = outputs["tflite-int8"]
     step = metadata["quantization"]["output"]["scale"]
     assert np.abs(quantised[..., 4:] - expected[..., 4:]).mean() < step + 0.05
+
+
+def test_eval_command_on_another_split_writes_its_own_metrics(detection_run):
+    workdir, _ = detection_run
+    status, err = run_mnv2("eval", "--workdir", workdir, "--config.eval_split=train")
+    assert status == 0, err[-3000:]
+    other = [r for r in metrics.read_metrics(str(workdir)) if "eval_train/mAP" in r]
+    assert len(other) == 1 and other[0]["step"] == 6 and other[0]["eval_train/count"] == 16
+    assert 0 <= other[0]["eval_train/mAP"] <= other[0]["eval_train/mAP50"] <= 1

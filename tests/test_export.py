@@ -359,3 +359,28 @@ def test_segmenter_exports_give_the_same_per_pixel_logits_in_their_runtimes(tmp_
 def test_segmenter_refuses_classifier_only_formats(tmp_path, fmt):
     with pytest.raises(ConversionError, match=f"--format {fmt} holds classifiers only; task='segmentation'"):
         routes.check_before_export(load(SEGMENTER), fmt, str(tmp_path / SUFFIX[fmt]), routes.ExportOptions())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "savedmodel"])
+def test_detector_exports_give_the_same_boxes_and_scores_in_their_runtimes(tmp_path, fmt):
+    """SSDLite (width 0.35, 64x64, random weights): per anchor the decoded box and the class scores
+    (`tests/test_detection_training.py` checks TFLite on BCCD's photos)."""
+    config = load("configs/ssdlite_bccd.py:width=0.35,resolution=64")
+    variables, images = random_variables(config), random_inputs(config)
+    expected = np.asarray(routes.export_function(config, routes.export_model(config))(variables, images))
+    out = tmp_path / SUFFIX[fmt]
+    metadata = routes.export(config, variables, fmt, str(out))
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = session.run(["logits"], {"images": images})[0]
+    else:
+        import tensorflow as tf
+
+        got = tf.saved_model.load(str(out)).signatures["serving_default"](images=tf.constant(images))["logits"].numpy()
+    assert got.shape == expected.shape == (2, metadata["output"]["shape"][1], 4 + 3)
+    np.testing.assert_allclose(got[..., :4], expected[..., :4], atol=1e-4)  # normalised boxes
+    np.testing.assert_allclose(got[..., 4:], expected[..., 4:], atol=1e-5)  # scores
+    assert "nms.select" in metadata["output"]["meaning"]

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from train_helpers import SHALLOW_STAGES, assert_resume_is_exact, run_mnv2
+from train_helpers import assert_resume_is_exact, run_mnv2, small_task_run_args
 
 from mnv2_jax import tasks
 from mnv2_jax.data import voc
@@ -53,29 +53,17 @@ def labelled_pixels(root, split) -> int:
 
 
 def segmentation_args(dataset, **overrides) -> list[str]:
-    """6 steps of 8 crops of 33x33 (16 training images: an epoch is 2 steps), evaluated every epoch at 49x49."""
-    args = {
-        "dataset": dataset,
+    """The small task run (`train_helpers.SMALL_TASK_RUN`) on crops of 33x33, evaluated at 49x49."""
+    fields = {
         "resolution": 33,
         "eval_resolution": 49,
-        "batch_size": 8,
-        "eval_batch_size": 8,
-        "num_train_steps": 6,
-        "log_every_steps": 2,
-        "checkpoint_every_steps": 2,
-        "eval_every_epochs": 1.0,
-        "keep_checkpoints": 1,
-        "model.stage_repeats": SHALLOW_STAGES,
         "model.num_classes": len(CLASSES),
         "data.class_names": CLASSES,
-        "data.cache": False,
         "segmentation.feature_endpoint": "layer_9",  # the shallow network's 320-channel map
         "segmentation.head_features": 16,
-        "optimizer.ema_decay": 0.9,
-        "optimizer.schedule": "constant",  # the same rate whatever num_train_steps (the resume test stops at 3)
+        **overrides,
     }
-    args.update(overrides)
-    return ["--config", "configs/deeplab_camvid.py:width=0.35"] + [f"--config.{k}={v}" for k, v in args.items()]
+    return small_task_run_args("configs/deeplab_camvid.py:width=0.35", dataset, **fields)
 
 
 @pytest.fixture(scope="module")

@@ -145,3 +145,26 @@ def assert_resume_is_exact(train_args: list[str], workdir, uninterrupted_workdir
     (step, resumed), (_, uninterrupted) = saved_state(workdir), saved_state(uninterrupted_workdir)
     assert step == steps
     assert_bitwise_equal(resumed, uninterrupted)
+
+
+# What the dense tasks' small `mnv2 train` runs share: 6 steps of 8 images on the shallow network, evaluated every
+# epoch (16 training images: 2 steps), a checkpoint every 2 steps, EMA, a constant rate (the resume tests stop at 3).
+SMALL_TASK_RUN = {
+    "batch_size": 8,
+    "eval_batch_size": 8,
+    "num_train_steps": 6,
+    "log_every_steps": 2,
+    "checkpoint_every_steps": 2,
+    "eval_every_epochs": 1.0,
+    "keep_checkpoints": 1,
+    "model.stage_repeats": SHALLOW_STAGES,
+    "data.cache": False,
+    "optimizer.ema_decay": 0.9,
+    "optimizer.schedule": "constant",
+}
+
+
+def small_task_run_args(config: str, dataset: str, **fields) -> list[str]:
+    """`mnv2 train` arguments of a small run of `config` on `dataset`: `SMALL_TASK_RUN` and `fields`."""
+    args = {"dataset": dataset, **SMALL_TASK_RUN, **fields}
+    return ["--config", config] + [f"--config.{k}={v}" for k, v in args.items()]

@@ -39,6 +39,11 @@ class Task(abc.ABC):
     def num_classes(self) -> int:
         return self.config.model.num_classes
 
+    def class_names(self) -> tuple[str, ...]:
+        """`data.class_names` when it names every class, else the class ids as strings (metric names, predict)."""
+        names = tuple(self.config.data.class_names or ())
+        return names if len(names) == self.num_classes else tuple(str(i) for i in range(self.num_classes))
+
     @property
     def eval_resolution(self) -> int:
         """The side of evaluation's square inputs."""

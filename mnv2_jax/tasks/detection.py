@@ -59,10 +59,6 @@ class Detection(Task):
             data.keep_image_probability,
         )
 
-    def class_names(self) -> tuple[str, ...]:
-        names = tuple(self.config.data.class_names or ())
-        return names if len(names) == self.num_classes else tuple(str(i) for i in range(self.num_classes))
-
     # Data.
 
     def _model_input(self, image: tf.Tensor, boxes, labels, ignored) -> dict[str, tf.Tensor]:

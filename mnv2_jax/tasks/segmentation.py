@@ -132,10 +132,6 @@ class Segmentation(Task):
             "count": jnp.sum(mask.astype(jnp.float32)),
         }
 
-    def class_names(self) -> tuple[str, ...]:
-        names = tuple(self.config.data.class_names or ())
-        return names if len(names) == self.num_classes else tuple(str(i) for i in range(self.num_classes))
-
     def eval_results(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
         result = scores(totals["confusion"])
         metrics = {

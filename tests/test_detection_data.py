@@ -145,3 +145,13 @@ def test_training_examples_are_a_function_of_the_seed(tmp_path):
     count = len(example["objects"]["bbox"])
     np.testing.assert_array_equal(evaluated["boxes"][:count], example["objects"]["bbox"])
     assert evaluated["box_mask"].numpy().sum() == count
+
+
+def test_more_eval_boxes_than_max_boxes_is_one_line_error_before_any_compile(tmp_path, mnv2):
+    """The synthetic folder's images hold up to 3 boxes (4 with the degenerate one, left out)."""
+    dataset = write_voc_detection_folder(tmp_path)
+    args = ["--config", "configs/ssdlite_bccd.py", f"--config.dataset={dataset}", "--config.train_split=train"]
+    args += ["--config.eval_split=val", f"--config.data.class_names={CLASSES}", "--config.detection.max_boxes=2"]
+    status, _, err = mnv2("train", "--workdir", str(tmp_path / "run"), *args)
+    message = "eval_split='val' has an image with 3 boxes, more than detection.max_boxes=2; set"
+    assert status == 2 and message in err and "Traceback" not in err, err[-2000:]

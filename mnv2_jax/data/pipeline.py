@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from mnv2_jax import tasks
 from mnv2_jax.data import image_folder, local_datasets, tfds_segmentation, voc
@@ -179,6 +180,28 @@ def check_split(builder: tfds.core.DatasetBuilder, split: str, field: str) -> in
     if split not in splits:
         raise DatasetError(f"{field}={split!r} is not a split of {builder.name}; available: {sorted(splits)}")
     return splits[split].num_examples
+
+
+def check_box_counts(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict) -> None:
+    """Detection on a VOC folder: an eval image with more boxes than `detection.max_boxes` is an error (its extra
+    ground truth would not count, inflating mAP); in the training split a warning (the extra boxes are no
+    targets). TFDS datasets are not scanned."""
+    if config.task != "detection" or not isinstance(builder, voc.VocDetectionFolder):
+        return
+    limit = config.detection.max_boxes
+    most = lambda split: max((len(objects.labels) for objects in builder.objects(split)), default=0)
+    if most(config.eval_split) > limit:
+        raise DatasetError(
+            f"eval_split={config.eval_split!r} has an image with {most(config.eval_split)} boxes, more than "
+            f"detection.max_boxes={limit}; set --config.detection.max_boxes={most(config.eval_split)}"
+        )
+    if most(config.train_split) > limit:
+        logging.warning(
+            "train_split=%r has images with up to %d boxes; those beyond detection.max_boxes=%d are no targets",
+            config.train_split,
+            most(config.train_split),
+            limit,
+        )
 
 
 def process_examples(

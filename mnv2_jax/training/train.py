@@ -263,6 +263,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, devices: list[j
     info = pipeline.dataset_info(builder)
     num_train = pipeline.check_split(builder, config.train_split, "train_split")
     num_eval = pipeline.check_split(builder, config.eval_split, "eval_split")
+    pipeline.check_box_counts(builder, config)
     config = resolve_num_classes(config, info)
     plan = plan_lib.make_plan(config, num_train, num_eval, mesh.size, distributed.mesh_process_count(mesh))
     logging.info("plan: %s", plan)

@@ -108,9 +108,10 @@ def detect(task, model, variables: dict[str, Any], images: Sequence[np.ndarray],
         found = jax.device_get(run(variables, jnp.asarray(preprocessing.resize(image, size).numpy())))
         boxes = np.clip(found["boxes"], 0.0, 1.0) * [height, width, height, width]
         detections = []
-        for box, score, label in zip(boxes, found["scores"], found["classes"], strict=True):
-            if score < min_score or len(detections) == int(found["num_detections"]):
-                continue
+        count = int(found["num_detections"])  # best first: the rest are padding
+        for box, score, label in zip(boxes[:count], found["scores"][:count], found["classes"][:count], strict=True):
+            if score < min_score:
+                break
             ymin, xmin, ymax, xmax = (round(float(v), 2) for v in box)
             label = int(label)
             detections.append(

@@ -189,17 +189,20 @@ def check_box_counts(builder: tfds.core.DatasetBuilder, config: ml_collections.C
     if config.task != "detection" or not isinstance(builder, voc.VocDetectionFolder):
         return
     limit = config.detection.max_boxes
-    most = lambda split: max((len(objects.labels) for objects in builder.objects(split)), default=0)
-    if most(config.eval_split) > limit:
+    most = {
+        split: max((len(objects.labels) for objects in builder.objects(split)), default=0)
+        for split in (config.train_split, config.eval_split)
+    }
+    if most[config.eval_split] > limit:
         raise DatasetError(
-            f"eval_split={config.eval_split!r} has an image with {most(config.eval_split)} boxes, more than "
-            f"detection.max_boxes={limit}; set --config.detection.max_boxes={most(config.eval_split)}"
+            f"eval_split={config.eval_split!r} has an image with {most[config.eval_split]} boxes, more than "
+            f"detection.max_boxes={limit}; set --config.detection.max_boxes={most[config.eval_split]}"
         )
-    if most(config.train_split) > limit:
+    if most[config.train_split] > limit:
         logging.warning(
             "train_split=%r has images with up to %d boxes; those beyond detection.max_boxes=%d are no targets",
             config.train_split,
-            most(config.train_split),
+            most[config.train_split],
             limit,
         )
 

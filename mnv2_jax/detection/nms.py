@@ -47,10 +47,14 @@ def postprocess(
     (column 0 the background): `boxes` `[B, D, 4]` (normalised), `scores` `[B, D]`, `classes` `[B, D]` (0-based,
     without the background) and `num_detections` `[B]`, D = max_total_detections, best first, zero-padded."""
 
-    def one_image(codes, logits):
-        return _select(box_ops.decode(codes, anchors), jax.nn.sigmoid(logits[:, 1:]), spec)
+    boxes, scores = decode(box_codes, class_logits, anchors)
+    return jax.vmap(lambda b, s: _select(b, s, spec))(boxes, scores)
 
-    return jax.vmap(one_image)(box_codes, class_logits)
+
+def decode(box_codes: jnp.ndarray, class_logits: jnp.ndarray, anchors: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Each anchor's decoded box `[..., M, 4]` (normalised) and class scores `[..., M, C]` (sigmoid, without the
+    background) from the predictors' outputs: what NMS selects from, and what exports hand out."""
+    return box_ops.decode(box_codes, anchors), jax.nn.sigmoid(class_logits[..., 1:])
 
 
 def _select(boxes: jnp.ndarray, scores: jnp.ndarray, spec: NmsSpec) -> dict[str, jnp.ndarray]:
@@ -74,5 +78,8 @@ def select(output: np.ndarray, spec: NmsSpec = NmsSpec()) -> dict[str, np.ndarra
     """NMS for an exported detector's output of one image, `[anchors, 4 + classes]` (decoded boxes, then class
     scores): the same detections as `postprocess`, as numpy arrays (`boxes`, `scores`, `classes`, `num_detections`)."""
     output = jnp.asarray(output, jnp.float32)
-    detections = jax.jit(_select, static_argnums=2)(output[:, :4], output[:, 4:], spec)
+    detections = _select_jit(output[:, :4], output[:, 4:], spec)
     return {name: np.asarray(value) for name, value in detections.items()}
+
+
+_select_jit = jax.jit(_select, static_argnums=2)

@@ -66,14 +66,14 @@ def export_function(config: ml_collections.ConfigDict, model) -> Any:
     tensor; NMS is the caller's step (`mnv2_jax.detection.nms.select`)."""
     if config.task != "detection":
         return lambda variables, images: model.apply(variables, images, train=False)[0]
-    from mnv2_jax.detection import boxes as box_ops
+    from mnv2_jax.detection import nms
 
     anchors = tasks.get(config).anchors(config.resolution)
 
     def detect(variables, images):
         outputs = model.apply(variables, images, train=False)[0]
-        decoded = box_ops.decode(outputs["box_codes"], anchors)
-        return jax.numpy.concatenate([decoded, jax.nn.sigmoid(outputs["class_logits"][..., 1:])], axis=-1)
+        boxes, scores = nms.decode(outputs["box_codes"], outputs["class_logits"], anchors)
+        return jax.numpy.concatenate([boxes, scores], axis=-1)
 
     return detect
 

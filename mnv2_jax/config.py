@@ -426,6 +426,24 @@ def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
+def flatten(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
+    """Every field as `{"model.width": 0.35, ...}` with TensorBoard-hparams-safe values (tuples and None as text)."""
+    flat: dict[str, bool | int | float | str] = {}
+
+    def visit(prefix: str, values: Mapping[str, Any]) -> None:
+        for key, value in values.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                visit(f"{name}.", value)
+            elif isinstance(value, bool | int | float | str):
+                flat[name] = value
+            else:
+                flat[name] = str(tuple(value) if isinstance(value, list) else value)
+
+    visit("", to_dict(config))
+    return flat
+
+
 def from_dict(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """Rebuilds a config saved with `to_dict`, on top of `base_config()` so new fields get defaults."""
     config = base_config()

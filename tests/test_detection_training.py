@@ -13,7 +13,7 @@ from train_helpers import assert_resume_is_exact, run_mnv2, small_task_run_args
 
 from mnv2_jax import tasks
 from mnv2_jax.cli.main import main
-from mnv2_jax.training import checkpoint, metrics, train
+from mnv2_jax.training import checkpoint, run_files, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("detection_run")]
 
@@ -50,7 +50,7 @@ def detection_run(tmp_path_factory, voc_root):
 def test_training_logs_ssd_losses_and_coco_metrics_of_every_eval_image(detection_run):
     workdir, err = detection_run
     assert "left out 1 degenerate boxes" in err
-    records = metrics.read_metrics(str(workdir))
+    records = run_files.read_metrics(str(workdir))
     train_records = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train_records] == [2, 4, 6]
     expected = {"train/classification_loss", "train/localization_loss", "train/matches_per_image", "train/grad_norm"}
@@ -79,7 +79,7 @@ def test_the_best_checkpoint_is_kept_by_map(detection_run, tmp_path):
 
 def test_eval_on_any_device_count_gathers_the_same_detections(detection_run):
     workdir, _ = detection_run
-    reference = [r for r in metrics.read_metrics(str(workdir)) if "eval/mAP" in r][-1]
+    reference = [r for r in run_files.read_metrics(str(workdir)) if "eval/mAP" in r][-1]
     for devices, batch in ((1, 8), (3, 6)):
         overrides = {"eval_batch_size": batch}
         _, results = train.evaluate_checkpoint(str(workdir), devices=jax.devices()[:devices], overrides=overrides)
@@ -180,6 +180,6 @@ def test_eval_command_on_another_split_writes_its_own_metrics(detection_run):
     workdir, _ = detection_run
     status, err = run_mnv2("eval", "--workdir", workdir, "--config.eval_split=train")
     assert status == 0, err[-3000:]
-    other = [r for r in metrics.read_metrics(str(workdir)) if "eval_train/mAP" in r]
+    other = [r for r in run_files.read_metrics(str(workdir)) if "eval_train/mAP" in r]
     assert len(other) == 1 and other[0]["step"] == 6 and other[0]["eval_train/count"] == 16
     assert 0 <= other[0]["eval_train/mAP"] <= other[0]["eval_train/mAP50"] <= 1

@@ -16,7 +16,7 @@ from conftest import REPO, one_device_environment, require
 from datasets import fashion_mnist_imagefolder
 from train_helpers import saved_state
 
-from mnv2_jax.training import metrics
+from mnv2_jax.training import run_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("one_device")]  # one process, shared
 
@@ -70,7 +70,7 @@ def test_mnv2_train_on_the_kernels_equals_the_shifted_form_on_real_data(one_devi
     make single gradients differ, and AdamW turns the sign of near-zero gradients into whole steps: the parameters
     are compared as a whole."""
     runs = {impl: one_device_run / f"train_{impl}" for impl in ("auto", "shifted")}
-    logged = {impl: metrics.read_metrics(str(workdir)) for impl, workdir in runs.items()}
+    logged = {impl: run_files.read_metrics(str(workdir)) for impl, workdir in runs.items()}
     losses = {impl: [r["train/loss"] for r in records if "train/loss" in r] for impl, records in logged.items()}
     assert len(losses["auto"]) == 3
     np.testing.assert_allclose(losses["auto"], losses["shifted"], rtol=2e-3)

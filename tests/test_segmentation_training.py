@@ -12,7 +12,7 @@ from train_helpers import assert_resume_is_exact, run_mnv2, small_task_run_args
 from mnv2_jax import tasks
 from mnv2_jax.data import voc
 from mnv2_jax.tasks.segmentation import IGNORE_LABEL
-from mnv2_jax.training import checkpoint, metrics, train, transfer
+from mnv2_jax.training import checkpoint, run_files, train, transfer
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("segmentation_run")]
 
@@ -101,7 +101,7 @@ def segmentation_run(tmp_path_factory, voc_root, classifier_workdir):
 
 def test_training_logs_pixel_metrics_and_evaluates_every_labelled_pixel_once(segmentation_run, voc_root):
     workdir, _ = segmentation_run
-    records = metrics.read_metrics(str(workdir))
+    records = run_files.read_metrics(str(workdir))
     train_records = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train_records] == [2, 4, 6]
     assert {"train/loss", "train/pixel_accuracy", "train/lr", "train/grad_norm"} <= train_records[0].keys()
@@ -140,7 +140,7 @@ def test_init_from_loads_the_backbone_and_says_what_it_loaded(segmentation_run, 
 
 def test_eval_on_any_device_count_counts_the_same_pixels(segmentation_run, voc_root):
     workdir, _ = segmentation_run
-    reference = [r for r in metrics.read_metrics(str(workdir)) if "eval/mIoU" in r][-1]
+    reference = [r for r in run_files.read_metrics(str(workdir)) if "eval/mIoU" in r][-1]
     for devices, batch in ((1, 8), (3, 6)):
         overrides = {"eval_batch_size": batch}
         _, results = train.evaluate_checkpoint(str(workdir), devices=jax.devices()[:devices], overrides=overrides)
@@ -186,7 +186,7 @@ def test_eval_command_on_another_split_writes_its_own_metrics(segmentation_run, 
     workdir, _ = segmentation_run
     status, err = run_mnv2("eval", "--workdir", workdir, "--config.eval_split=train")
     assert status == 0, err[-3000:]
-    other = [r for r in metrics.read_metrics(str(workdir)) if "eval_train/mIoU" in r]
+    other = [r for r in run_files.read_metrics(str(workdir)) if "eval_train/mIoU" in r]
     assert len(other) == 1 and other[0]["step"] == 6 and other[0]["eval_train/count"] == 16
     assert other[0]["eval_train/pixels"] == labelled_pixels(voc_root, "train")
     status, err = run_mnv2("eval", "--workdir", workdir, "--config.eval_split=test")
@@ -198,7 +198,7 @@ def test_multi_scale_flipped_eval_counts_the_same_pixels_under_its_own_name(segm
     args = ["--config.segmentation.eval_scales=0.75,1.25", "--config.segmentation.eval_flip"]
     status, err = run_mnv2("eval", "--workdir", workdir, *args)
     assert status == 0, err[-3000:]
-    records = metrics.read_metrics(str(workdir))
+    records = run_files.read_metrics(str(workdir))
     single = [r for r in records if "eval/mIoU" in r][-1]
     multi = [r for r in records if "eval_multiscale_flip/mIoU" in r]
     assert len(multi) == 1 and multi[0]["eval_multiscale_flip/pixels"] == single["eval/pixels"]

@@ -12,7 +12,7 @@ from conftest import REPO, WITHOUT_COMPILATION_CACHE, mnv2_command, one_device_e
 from train_helpers import SHALLOW_STAGES, assert_bitwise_equal, path_names, saved_state
 
 from mnv2_jax.config import base_config
-from mnv2_jax.training import checkpoint, distributed, metrics, plan, train
+from mnv2_jax.training import checkpoint, distributed, plan, run_files, train
 
 
 def assert_same_state(a: dict, b: dict, rtol=1e-6, atol=1e-7):
@@ -114,7 +114,7 @@ def trained(folder, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.xdist_group("small_run")
 def test_train_writes_checkpoints_metrics_and_tensorboard(trained):
-    records = metrics.read_metrics(str(trained))
+    records = run_files.read_metrics(str(trained))
     train_records = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train_records] == [2, 4, 6]
     assert {"train/loss", "train/top1", "train/lr", "train/grad_norm"} <= train_records[0].keys()
@@ -130,7 +130,7 @@ def test_train_writes_checkpoints_metrics_and_tensorboard(trained):
 @pytest.mark.slow
 @pytest.mark.xdist_group("small_run")
 def test_eval_command_matches_training_eval_and_works_on_one_device(mnv2, trained):
-    records = metrics.read_metrics(str(trained))
+    records = run_files.read_metrics(str(trained))
     during_training = next(r for r in records if "eval/top1" in r)
     status, out, err = mnv2("eval", "--workdir", trained)
     assert status == 0, err
@@ -144,7 +144,7 @@ def test_eval_command_matches_training_eval_and_works_on_one_device(mnv2, traine
     status, out, err = mnv2("eval", "--workdir", trained, "--config.eval_split=train", "--config.eval_batch_size=40")
     assert status == 0, err
     assert "eval_train/count=40.0000" in out
-    assert any("eval_train/top1" in r for r in metrics.read_metrics(str(trained)))
+    assert any("eval_train/top1" in r for r in run_files.read_metrics(str(trained)))
 
 
 @pytest.mark.slow
@@ -155,7 +155,7 @@ def test_resume_continues_at_the_same_step_and_data_position(mnv2, folder, train
     assert status == 0, err
     status, _, err = mnv2("train", "--workdir", workdir, *small_run_config_args(folder))  # same run, 6 steps
     assert status == 0, err
-    steps = [r["step"] for r in metrics.read_metrics(str(workdir)) if "train/loss" in r]
+    steps = [r["step"] for r in run_files.read_metrics(str(workdir)) if "train/loss" in r]
     assert steps == [2, 3, 4, 6]  # steps 4..6 after the restart, not 1..6 again
     (step, resumed), (_, uninterrupted) = saved_state(workdir), saved_state(trained)
     assert step == 6
@@ -213,7 +213,7 @@ def test_quickstart_recipe_learns_another_real_dataset(tmp_path):
         command, cwd=REPO, env=one_device_environment(), capture_output=True, text=True, timeout=600
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
-    final = [r for r in metrics.read_metrics(str(workdir)) if "eval/top1" in r][-1]
+    final = [r for r in run_files.read_metrics(str(workdir)) if "eval/top1" in r][-1]
     assert final["eval/count"] == 360
     assert final["eval/top1"] > 0.8  # 10 classes: chance is 0.1
 
@@ -235,7 +235,7 @@ def digits_imagefolder(sklearn_datasets, root):
 @pytest.mark.parametrize("devices", [1, 3, 8])
 def test_eval_counts_every_example_once_on_any_device_count(folder, trained, devices):
     """13 eval examples, a global eval batch of 24: one padded batch, split over 1, 3 or 8 devices."""
-    reference = next(r for r in metrics.read_metrics(str(trained)) if "eval/top1" in r)
+    reference = next(r for r in run_files.read_metrics(str(trained)) if "eval/top1" in r)
     devices_used = jax.devices()[:devices]
     _, results = train.evaluate_checkpoint(str(trained), devices=devices_used, overrides={"eval_batch_size": 24})
     assert results["eval/count"] == 13

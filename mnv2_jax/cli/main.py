@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("mnv2_jax.cli.train", "train (and evaluate) a config; resumes from the workdir"),
     "eval": ("mnv2_jax.cli.eval", "evaluate a workdir's checkpoint on the full eval split"),
     "bench": ("mnv2_jax.cli.bench", "throughput, FLOPs and memory of the compiled train or inference step"),
+    "sweep": ("mnv2_jax.cli.sweep", "train a sweep file's runs (local, SLURM, TPU pod), or report their results"),
 }
 
 

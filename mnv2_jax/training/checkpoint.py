@@ -78,7 +78,7 @@ def save(
     config: ml_collections.ConfigDict,
     metrics: Mapping[str, float] | None = None,
     force: bool = False,
-    data_position: Mapping[str, int] | None = None,
+    data_position: Mapping[str, float] | None = None,
 ) -> bool:
     """Saves the named pytrees, the config and the data position at `step` (asynchronously when the manager is)."""
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}

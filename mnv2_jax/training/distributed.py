@@ -20,6 +20,11 @@ DATA_AXIS = "data"
 COORDINATOR_ENV = "MNV2_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "MNV2_NUM_PROCESSES"
 PROCESS_ID_ENV = "MNV2_PROCESS_ID"
+# "1": a cluster (TPU pod, SLURM, Open MPI) whose settings `jax.distributed.initialize()` finds itself.
+DISTRIBUTED_ENV = "MNV2_DISTRIBUTED"
+# With DISTRIBUTED_ENV: the local devices this process owns, e.g. "0,1,2,3,4,5,6,7" for one process per SLURM node
+# (JAX's default there is [SLURM_LOCALID]: one GPU per process). Set by `launch/slurm.py --processes per_node`.
+LOCAL_DEVICE_IDS_ENV = "MNV2_LOCAL_DEVICE_IDS"
 # Seconds without a heartbeat after which JAX's coordination service declares a process dead (JAX's default: 100).
 HEARTBEAT_TIMEOUT_ENV = "MNV2_HEARTBEAT_TIMEOUT_S"
 LOST_PROCESS_EXIT_STATUS = 3
@@ -51,9 +56,12 @@ def maybe_initialize(timeout_s: int = 300) -> None:
     """Calls `jax.distributed.initialize` when this is one process of several.
 
     Explicit settings come from the MNV2_* environment variables; on TPU pods,
-    SLURM and Open MPI jobs JAX discovers them itself (`MNV2_DISTRIBUTED=1`).
-    A single process needs nothing. A process that stops sending heartbeats for
-    `MNV2_HEARTBEAT_TIMEOUT_S` seconds is declared dead and the others stop.
+    SLURM and Open MPI jobs JAX discovers them itself (`MNV2_DISTRIBUTED=1`),
+    with `MNV2_LOCAL_DEVICE_IDS` ("0,1,...") naming the local devices of a
+    process where JAX's default is one GPU per process (one process per SLURM
+    node). A single process needs nothing. A process that stops sending
+    heartbeats for `MNV2_HEARTBEAT_TIMEOUT_S` seconds is declared dead and the
+    others stop.
     """
     if jax.distributed.is_initialized():
         return
@@ -65,8 +73,8 @@ def maybe_initialize(timeout_s: int = 300) -> None:
             process_id=int(os.environ[PROCESS_ID_ENV]),
             **timeouts,
         )
-    elif os.environ.get("MNV2_DISTRIBUTED") == "1":
-        jax.distributed.initialize(**timeouts)
+    elif os.environ.get(DISTRIBUTED_ENV) == "1":
+        jax.distributed.initialize(local_device_ids=local_device_ids(), **timeouts)
     logging.info(
         "process %d of %d; %d local and %d global devices (%s)",
         jax.process_index(),
@@ -75,6 +83,19 @@ def maybe_initialize(timeout_s: int = 300) -> None:
         jax.device_count(),
         jax.default_backend(),
     )
+
+
+def local_device_ids() -> list[int] | None:
+    """The device ids of `MNV2_LOCAL_DEVICE_IDS` ("0,1,2,3"), or None when it is unset or empty."""
+    value = os.environ.get(LOCAL_DEVICE_IDS_ENV, "").strip()
+    if not value:
+        return None
+    ids = [part.strip() for part in value.split(",")]
+    if not all(part.isdecimal() for part in ids) or len(set(map(int, ids))) != len(ids):
+        raise UserError(
+            f"{LOCAL_DEVICE_IDS_ENV} must be distinct comma-separated device numbers such as 0,1,2,3, got {value!r}"
+        )
+    return [int(part) for part in ids]
 
 
 def heartbeat_timeout_s() -> int:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from clu import metric_writers
 
-METRICS_FILE = "metrics.jsonl"
+from mnv2_jax.training.run_files import METRICS_FILE
 
 
 class NullWriter(metric_writers.MetricWriter):
@@ -53,7 +53,7 @@ class JsonlWriter(NullWriter):
         self._file.flush()
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
+        self._file.write(json.dumps({"hparams": dict(hparams)}) + "\n")
 
     def flush(self) -> None:
         self._file.flush()
@@ -69,12 +69,3 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     default = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), asynchronous=False)
     return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, METRICS_FILE))])
-
-
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """All records of `<workdir>/metrics.jsonl` (empty when there is none)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -30,7 +30,7 @@ from mnv2_jax import models, tasks
 from mnv2_jax.config import ConfigError
 from mnv2_jax.data import pipeline
 from mnv2_jax.errors import UserError
-from mnv2_jax.training import checkpoint, distributed, metrics, optim, preemption, steps, transfer
+from mnv2_jax.training import checkpoint, distributed, metrics, optim, preemption, run_files, steps, transfer
 from mnv2_jax.training import plan as plan_lib
 
 STATE_ITEMS = ("params", "batch_stats", "opt_state", "ema_params")
@@ -126,6 +126,14 @@ def check_writable(workdir: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+
+
+def _saved_train_seconds(workdir: str, step: int) -> float:
+    """Seconds the run's earlier sessions spent up to checkpoint `step` (0 for a new run)."""
+    if step == 0:
+        return 0.0
+    _, position = checkpoint.restore_json(workdir, checkpoint.DATA_ITEM, step)
+    return float((position or {}).get("train_seconds", 0.0))
 
 
 def _saved_data_position(workdir: str, step: int, plan: plan_lib.Plan, process_count: int) -> int:
@@ -303,7 +311,11 @@ def _progress_hooks(run: Run, writer, workdir: str) -> list:
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
 ) -> dict[str, float]:
-    """Trains (resuming from `workdir` when it holds checkpoints), evaluates and checkpoints; returns the last eval."""
+    """Trains (resuming from `workdir` when it holds checkpoints), evaluates and checkpoints; returns the last eval.
+
+    Process 0 writes `finished.json` once the last step is trained, with the seconds the run's sessions spent
+    up to their last checkpoints (compiles and evaluations included)."""
+    session_start = time.time()
     run = prepare_run(config, workdir, devices)
     config, mesh, builder, plan, trainer = run.config, run.mesh, run.builder, run.plan, run.trainer
     process_index, process_count = distributed.mesh_process_index(mesh), distributed.mesh_process_count(mesh)
@@ -315,11 +327,12 @@ def train_and_evaluate(
     mngr = checkpoint_manager(workdir, config, trainer.task.best_metric)
     state, start_example = initial_state(run, workdir, mngr)
     start_step = int(distributed.to_host(state.step))
+    seconds_before = _saved_train_seconds(workdir, start_step)
 
     writer = metrics.create_writer(workdir)
     _write_config(workdir, config)
     if start_step == 0:
-        writer.write_hparams({k: v for k, v in config_lib.to_dict(config).items() if not isinstance(v, dict)})
+        writer.write_hparams(config_lib.flatten(config))
     skipped = getattr(builder, "skipped", {})  # undecodable images left out under data.corrupt_images=skip
     if skipped:
         writer.write_scalars(
@@ -373,7 +386,11 @@ def train_and_evaluate(
                         config,
                         metrics=last_eval if evaluate_now else None,
                         force=True,
-                        data_position={"examples_per_process": position, "process_count": process_count},
+                        data_position={
+                            "examples_per_process": position,
+                            "process_count": process_count,
+                            "train_seconds": seconds_before + time.time() - session_start,
+                        },
                     )
                 if preempted:
                     raise preemption.Preempted(step, checkpoint.checkpoint_dir(workdir))
@@ -387,6 +404,9 @@ def train_and_evaluate(
                 mngr.wait_until_finished()
                 mngr.close()
             writer.flush()
+    finished = step == plan.total_steps and (start_step < step or run_files.read_finished(workdir) is None)
+    if finished and jax.process_index() == 0:
+        run_files.write_finished(workdir, step, seconds_before + time.time() - session_start)
     if jax.process_index() == 0:
         logging.info("TensorBoard logs: %s", os.path.join(os.path.abspath(workdir), "tensorboard"))
     return last_eval

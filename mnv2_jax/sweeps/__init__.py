@@ -1,0 +1,1 @@
+"""Config sweeps: sweep files, their runs on a local machine, SLURM or a TPU pod, and the report."""

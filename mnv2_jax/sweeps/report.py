@@ -1,0 +1,225 @@
+"""`mnv2 sweep SWEEP --report`: each run's metrics, size and cost in a CSV, a Markdown table and two plots.
+
+Values come from each run's own files: `metrics.jsonl` (final and best eval metrics, steps/s), `config.json` (the
+model, counted by `models.complexity.summarize` like `mnv2 summary`) and `finished.json` (wall time).
+Plots: the metric against multiply-adds on a log scale with one line per value of a swept field (the paper's
+Figure 5), and the eval metric against the training step, one line per run (its Figure 6).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mnv2_jax.sweeps import runner, spec
+from mnv2_jax.training import run_files
+
+REPORT_DIR = "report"
+CSV_FILE, MARKDOWN_FILE = "report.csv", "report.md"
+MACS_PLOT, STEPS_PLOT = "metric_vs_macs.png", "metric_vs_step.png"
+_NOT_SHOWN = ("eval/count", "eval/seconds")
+
+
+def _saved_config(workdir: str):
+    from mnv2_jax import config as config_lib
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return config_lib.from_dict(json.load(f))
+
+
+def model_size(config) -> dict[str, int]:
+    """Parameters and multiply-adds of a config's model, counted like `mnv2 summary`."""
+    from mnv2_jax.models import build
+    from mnv2_jax.models.complexity import summarize
+
+    counted = summarize(build(config), config.resolution)
+    return {"params": counted["params"], "macs": counted["macs"]}
+
+
+def eval_history(records: Sequence[Mapping[str, Any]], metric: str) -> list[tuple[int, float]]:
+    """(step, value) of every record of `metrics.jsonl` that holds `metric`, in order."""
+    return [(int(r["step"]), float(r[metric])) for r in records if metric in r]
+
+
+def run_row(run: spec.Run, metric: str) -> dict[str, Any]:
+    """One run's row: swept values, state, final and best metric, size, wall time and training images/s."""
+    row: dict[str, Any] = {"run": run.name, **run.params, "state": runner.run_state(run)}
+    records = run_files.read_metrics(run.workdir) if os.path.isdir(run.workdir) else []
+    config = _saved_config(run.workdir)
+    history = eval_history(records, metric)
+    evals = [r for r in records if metric in r]
+    row["step"] = max((int(r["step"]) for r in records if "step" in r), default=0)
+    row.update(model_size(config) if config is not None else {"params": None, "macs": None})
+    row[f"final {metric}"] = history[-1][1] if history else None
+    best_step, best = max(history, key=lambda point: point[1]) if history else (None, None)
+    row[f"best {metric}"], row["best step"] = best, best_step
+    for key, value in sorted(evals[-1].items()) if evals else ():
+        if key.startswith("eval/") and key.count("/") == 1 and key != metric and key not in _NOT_SHOWN:
+            row[f"final {key}"] = value
+    finished = run_files.read_finished(run.workdir) if os.path.isdir(run.workdir) else None
+    row["wall seconds"] = finished["train_seconds"] if finished else None
+    rates = sorted(r["steps_per_sec"] for r in records if "steps_per_sec" in r)
+    median_rate = rates[len(rates) // 2] if rates else None
+    row["train images/s"] = median_rate * config.batch_size if median_rate and config is not None else None
+    return row
+
+
+def report_metric(sweep: spec.Sweep) -> str:
+    """The sweep's `report.metric`, else the task's checkpoint metric (`eval/top1`, `eval/mIoU`, `eval/mAP`)."""
+    if "metric" in sweep.report:
+        return sweep.report["metric"]
+    from mnv2_jax import tasks
+    from mnv2_jax.cli import common
+
+    config = common.config_from_spec(sweep.config, *spec.config_arguments(sweep.runs[0]))
+    return tasks.TASK_TYPES[config.task].best_metric
+
+
+def collect(sweep: spec.Sweep) -> tuple[str, list[dict[str, Any]]]:
+    """The report's metric and one row per run, in the sweep's order."""
+    metric = report_metric(sweep)
+    return metric, [run_row(run, metric) for run in sweep.runs]
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    return columns
+
+
+def _cell(value: Any, column: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if column == "macs":
+        return f"{value / 1e6:.1f}M"
+    if column == "params":
+        return f"{value / 1e6:.3f}M"
+    if isinstance(value, float) and column in ("wall seconds", "train images/s"):
+        return f"{value:.0f}"
+    if isinstance(value, float) and (column.startswith(("final ", "best ")) or column.startswith("eval/")):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    columns = _columns(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c), c) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def lines_field(sweep: spec.Sweep) -> str | None:
+    """The swept field that makes one line per value in the multiply-add plot (`report.lines`, else the first axis
+    of a grid of two or more fields)."""
+    if "lines" in sweep.report:
+        if sweep.report["lines"] not in sweep.axes:
+            raise spec.SweepError(f"report.lines must be one of the swept fields {sweep.axes}")
+        return sweep.report["lines"]
+    axes = [a for a in sweep.axes if a != "seed"]
+    return axes[0] if len(axes) >= 2 else None
+
+
+Series = dict[str, tuple[list[float], list[float]]]  # a plot's lines: label -> (xs, ys)
+
+
+def plot_metric_vs_macs(sweep: spec.Sweep, rows: Sequence[Mapping[str, Any]], metric: str, path: str) -> Series:
+    """Figure 5 style: final `metric` against multiply-adds (log scale), one line per value of `lines_field`;
+    returns the plotted lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    by = lines_field(sweep)
+    points = [r for r in rows if r.get("macs") and r.get(f"final {metric}") is not None]
+    groups: dict[Any, list] = {}
+    for row in points:
+        groups.setdefault(row[by] if by else "runs", []).append(row)
+    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    series: Series = {}
+    for value, members in groups.items():
+        members = sorted(members, key=lambda r: r["macs"])
+        xs = [r["macs"] / 1e6 for r in members]
+        ys = [r[f"final {metric}"] for r in members]
+        label = f"{by.rsplit('.', 1)[-1]}={value}" if by else "runs"
+        series[label] = (xs, ys)
+        axis.plot(xs, ys, marker="o", label=label)
+        if not by:
+            for row, x, y in zip(members, xs, ys, strict=True):
+                axis.annotate(row["run"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axis.set_xscale("log")
+    axis.set_xlabel("multiply-adds (millions, log scale)")
+    axis.set_ylabel(f"final {metric}")
+    axis.set_title(f"{sweep.name}: {metric} against multiply-adds")
+    axis.grid(True, which="both", alpha=0.3)
+    if by:
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return series
+
+
+def plot_metric_vs_step(
+    sweep: spec.Sweep, histories: Mapping[str, Sequence[tuple[int, float]]], metric: str, path: str
+) -> Series:
+    """Figure 6 style: the eval `metric` against the training step, one line per run; returns the plotted lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    series: Series = {name: ([s for s, _ in history], [v for _, v in history]) for name, history in histories.items()}
+    for name, (xs, ys) in series.items():
+        axis.plot(xs, ys, marker=".", label=name)
+    axis.set_xlabel("training step")
+    axis.set_ylabel(metric)
+    axis.set_title(f"{sweep.name}: {metric} during training")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return series
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    metric: str
+    rows: list[dict[str, Any]]
+    paths: dict[str, str]  # file name -> path
+    macs_series: Series
+    step_series: Series
+
+
+def write(sweep: spec.Sweep, out_dir: str | None = None) -> Report:
+    """Writes the CSV, the Markdown table and the two plots into `<root>/<sweep>/report/`."""
+    metric, rows = collect(sweep)
+    out_dir = out_dir or os.path.join(sweep.root, REPORT_DIR)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {name: os.path.join(out_dir, name) for name in (CSV_FILE, MARKDOWN_FILE, MACS_PLOT, STEPS_PLOT)}
+    columns = _columns(rows)
+    with open(paths[CSV_FILE], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows([{c: ("" if row.get(c) is None else row.get(c)) for c in columns} for row in rows])
+    with open(paths[MARKDOWN_FILE], "w") as f:
+        f.write(f"# Sweep `{sweep.name}` ({sweep.path}): {len(rows)} runs, metric `{metric}`\n\n")
+        f.write(markdown_table(rows))
+    macs_series = plot_metric_vs_macs(sweep, rows, metric, paths[MACS_PLOT])
+    histories = {
+        run.name: eval_history(run_files.read_metrics(run.workdir), metric) if os.path.isdir(run.workdir) else []
+        for run in sweep.runs
+    }
+    step_series = plot_metric_vs_step(sweep, histories, metric, paths[STEPS_PLOT])
+    return Report(metric, rows, paths, macs_series, step_series)

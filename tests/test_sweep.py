@@ -1,0 +1,357 @@
+"""`mnv2 sweep`: sweep files expanded into named runs, local runs that resume after a kill, the report, hparams."""
+
+import csv
+import fcntl
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, mnv2_command
+
+from mnv2_jax.sweeps import report, runner, spec
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def read(path) -> str:
+    return pathlib.Path(path).read_text()
+
+
+def write_sweep(path, body: str):
+    path.write_text(f"def get_sweep():\n    return {body}\n")
+    return str(path)
+
+
+def test_a_sweep_file_expands_into_stably_named_runs_with_their_overrides(tmp_path):
+    path = write_sweep(
+        tmp_path / "ablation.py",
+        """{
+        "config": "configs/quickstart.py:epochs=2",
+        "overrides": {"log_every_steps": 10},
+        "variants": [{"name": "linear"}, {"name": "relu6", "model.nonlinear_bottleneck": True}],
+        "grid": {"model.stage_expansion": [(1, 4, 4, 6, 6, 6, 6), (1, 6, 6, 6, 6, 6, 6)], "model.width": [0.5]},
+        "seeds": [0, 1],
+    }""",
+    )
+    sweep = spec.load(path, str(tmp_path / "root"), ["num_train_steps=5"])
+    assert sweep.name == "ablation"
+    assert sweep.axes == ("variant", "model.stage_expansion", "model.width", "seed")
+    names = [run.name for run in sweep.runs]
+    assert names[:2] == [
+        "linear,stage_expansion=1-4-4-6-6-6-6,width=0.5,seed=0",
+        "linear,stage_expansion=1-4-4-6-6-6-6,width=0.5,seed=1",
+    ]
+    assert len(names) == len(set(names)) == 8
+    assert names == [run.name for run in spec.load(path, str(tmp_path / "root")).runs]  # the same on every load
+    relu6 = sweep.runs[-1]
+    assert relu6.workdir == str(tmp_path / "root" / "ablation" / "relu6,stage_expansion=1-6-6-6-6-6-6,width=0.5,seed=1")
+    command = spec.train_command(sweep, relu6)
+    assert command[:6] == ["mnv2", "train", "--config", "configs/quickstart.py:epochs=2", "--workdir", relu6.workdir]
+    assert command[6:] == [
+        "--config.log_every_steps=10",
+        "--config.model.nonlinear_bottleneck=True",
+        "--config.model.stage_expansion=(1,6,6,6,6,6,6)",
+        "--config.model.width=0.5",
+        "--config.seed=1",
+        "--config.num_train_steps=5",
+    ]
+    # The command line's overrides reach the trainer's config: a per-stage expansion tuple, typed fields.
+    from mnv2_jax.cli import common
+
+    config = common.config_from_spec(sweep.config, *command[6:])
+    assert config.model.stage_expansion == (1, 6, 6, 6, 6, 6, 6)
+    assert (config.model.nonlinear_bottleneck, config.model.width, config.seed) == (True, 0.5, 1)
+    assert config.num_train_steps == 5
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('{"config": "configs/quickstart.py", "grid": {"model.width": []}}', "grid['model.width'] must be a non-empty"),
+        ('{"config": "configs/quickstart.py", "grids": {}}', "unknown sweep key(s) ['grids']"),
+        ('{"config": "configs/quickstart.py", "variants": [{"name": "a"}, {"name": "a"}]}', "variant names must be"),
+        ('{"config": "configs/quickstart.py"}', "needs 'variants', a 'grid' or 'seeds'"),
+        ('{"config": "configs/quickstart.py", "grid": {"model.widht": [0.5]}}', "run widht=0.5: unknown config field"),
+        ('{"config": "configs/quickstart.py", "grid": {"model.residual": ["skip"]}}', "model.residual must be one of"),
+    ],
+)
+def test_bad_sweep_files_are_one_line_errors_before_anything_runs(tmp_path, mnv2, body, message):
+    path = write_sweep(tmp_path / "bad.py", body)
+    status, _, err = mnv2("sweep", path, "--root", tmp_path / "root")
+    assert status == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "root").exists()
+
+
+def test_dry_run_prints_each_runs_command_and_changes_nothing(tmp_path, mnv2):
+    path = write_sweep(tmp_path / "grid.py", '{"config": "configs/quickstart.py", "grid": {"model.expansion": [2, 4]}}')
+    status, out, err = mnv2("sweep", path, "--root", tmp_path / "root", "--dry-run", "--set", "num_train_steps=3")
+    assert status == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] == f"sweep grid: 2 runs (2 new) in {tmp_path / 'root' / 'grid'}"
+    assert lines[1] == (
+        f"mnv2 train --config configs/quickstart.py --workdir {tmp_path / 'root' / 'grid' / 'expansion=2'} "
+        "--config.model.expansion=2 --config.num_train_steps=3"
+    )
+    assert len(lines) == 3
+    assert not (tmp_path / "root").exists()
+
+
+def test_slurm_and_tpu_runners_submit_the_same_train_command(tmp_path, mnv2):
+    path = write_sweep(tmp_path / "grid.py", '{"config": "configs/quickstart.py", "grid": {"model.expansion": [2, 4]}}')
+    status, out, err = mnv2(
+        "sweep",
+        path,
+        "--root",
+        tmp_path / "root",
+        "--runner",
+        "slurm",
+        "--dry-run",
+        "--slurm",
+        "nodes=2",
+        "--slurm",
+        "partition=gpu",
+    )
+    assert status == 0, err
+    sweep = spec.load(path, str(tmp_path / "root"))
+    import shlex
+
+    for run in sweep.runs:
+        assert f"#SBATCH --job-name=grid.{run.name}" in out
+        assert "srun --kill-on-bad-exit=1 " + shlex.join(spec.train_command(sweep, run)) in out
+    assert out.count("#SBATCH --nodes=2") == 2 and out.count("#SBATCH --partition=gpu") == 2
+    assert not (tmp_path / "root").exists()
+
+    status, out, err = mnv2(
+        "sweep",
+        path,
+        "--root",
+        "gs://bucket/sweeps",
+        "--runner",
+        "tpu",
+        "--dry-run",
+        "--tpu",
+        "name=pod",
+        "--tpu",
+        "zone=us-central2-b",
+    )
+    assert status == 0, err
+    remote = [line for line in out.splitlines() if line.startswith("gcloud compute tpus tpu-vm ssh pod")]
+    assert len(remote) == 2 and all("--worker=all" in line for line in remote)
+    assert "--workdir gs://bucket/sweeps/grid/expansion=4" in remote[1]
+
+
+def eval_records(workdir, metric):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [(r["step"], r[metric]) for r in records if metric in r]
+
+
+def wait_for(predicate, timeout_s=300.0):
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def lock_is_free(workdir) -> bool:
+    fd = os.open(os.path.join(workdir, runner.LOCK_FILE), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def hparams_of(tensorboard_dir) -> dict:
+    """The hparams a run wrote to TensorBoard (the hparams plugin's session start info)."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    values = {}
+    for name in os.listdir(tensorboard_dir):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(tensorboard_dir, name)):
+            for value in event.summary.value:
+                if value.tag == "_hparams_/session_start_info":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    for key, v in data.session_start_info.hparams.items():
+                        values[key] = getattr(v, v.WhichOneof("kind"))
+    return values
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_reruns_only_what_was_missing_and_its_report_equals_the_runs_metrics(tmp_path, folder):
+    """Must-show of issue 18: a 2 expansions x 2 widths sweep of the quickstart config, shortened by overrides, killed
+    while its second run trains; the same command then skips the finished run, resumes the interrupted one and trains
+    the rest; `--report` writes the CSV, the table and the plots with the values of the runs' `metrics.jsonl`."""
+    path = write_sweep(
+        tmp_path / "quick.py",
+        '{"config": "configs/quickstart.py", "grid": {"model.expansion": [2, 4], "model.width": [0.25, 0.35]}}',
+    )
+    short = {
+        "dataset": folder,
+        "resolution": 16,
+        "batch_size": 8,
+        "eval_batch_size": 8,
+        "num_train_steps": 6,
+        "log_every_steps": 2,
+        "eval_every_epochs": 0.5,
+        "checkpoint_every_steps": 2,
+        "model.stage_repeats": "(1,1,1,1,1,1,1)",
+        "data.cache": False,
+    }
+    sweep_args = ["sweep", path, "--root", tmp_path / "root", *[f"--set={k}={v}" for k, v in short.items()]]
+    sweep = spec.load(path, str(tmp_path / "root"), [f"{k}={v}" for k, v in short.items()])
+    first, second = sweep.runs[0].workdir, sweep.runs[1].workdir
+
+    killed = subprocess.Popen(mnv2_command(*sweep_args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+
+        def reached(path, text=None) -> bool:
+            assert killed.poll() is None, killed.stdout.read().decode()[-3000:]
+            return os.path.exists(path) and (text is None or text in read(path))
+
+        wait_for(lambda: reached(os.path.join(first, "finished.json")))
+        log = os.path.join(second, runner.LOG_FILE)
+        wait_for(lambda: reached(log, "training steps 1..6"))
+        time.sleep(1.0)  # the run's SIGTERM handler is installed right after that line; it is still compiling
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    wait_for(lambda: lock_is_free(second))  # the run saw its parent die (SIGTERM), checkpointed and stopped
+    first_metrics = read(os.path.join(first, "metrics.jsonl"))
+    assert not os.path.exists(os.path.join(second, "finished.json"))
+
+    rerun = subprocess.run(mnv2_command(*sweep_args), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "4 runs (1 finished, 1 started, 2 new)" in rerun.stdout
+    assert sweep.runs[0].name not in rerun.stdout.split("\n", 1)[1]  # never started again
+    assert read(os.path.join(first, "metrics.jsonl")) == first_metrics
+    assert read(os.path.join(first, runner.LOG_FILE)).count("training steps") == 1
+    second_log = read(log)
+    assert "resumed from" in second_log and second_log.count("training steps") == 2
+    assert all(os.path.exists(os.path.join(run.workdir, "finished.json")) for run in sweep.runs)
+
+    from mnv2_jax import config as config_lib
+    from mnv2_jax.models import build
+    from mnv2_jax.models.complexity import summarize
+
+    written = report.write(sweep)
+    assert written.metric == "eval/top1"
+    with open(written.paths[report.CSV_FILE]) as f:
+        rows = list(csv.DictReader(f))
+    table = read(written.paths[report.MARKDOWN_FILE])
+    assert [row["run"] for row in rows] == [run.name for run in sweep.runs]
+    for row, run in zip(rows, sweep.runs, strict=True):
+        history = eval_records(run.workdir, "eval/top1")
+        assert len(history) == 3
+        assert float(row["final eval/top1"]) == history[-1][1]
+        assert float(row["best eval/top1"]) == max(v for _, v in history)
+        assert float(row["final eval/loss"]) == eval_records(run.workdir, "eval/loss")[-1][1]
+        assert int(row["step"]) == 6 and row["state"] == "finished"
+        assert (float(row["model.expansion"]), float(row["model.width"])) == (
+            run.params["model.expansion"],
+            run.params["model.width"],
+        )
+        config = config_lib.from_dict(json.loads(read(os.path.join(run.workdir, "config.json"))))
+        assert config.model.expansion == run.params["model.expansion"]
+        counted = summarize(build(config), config.resolution)
+        assert (int(row["params"]), int(row["macs"])) == (counted["params"], counted["macs"])
+        finished = json.loads(read(os.path.join(run.workdir, "finished.json")))
+        assert float(row["wall seconds"]) == finished["train_seconds"] > 0
+        assert f"| {run.name} |" in table and f"{history[-1][1]:.4f}" in table
+        assert written.step_series[run.name] == ([s for s, _ in history], [v for _, v in history])
+        # TensorBoard gets every field as an hparam, nested ones included.
+        hparams = hparams_of(os.path.join(run.workdir, "tensorboard"))
+        assert hparams["model.expansion"] == run.params["model.expansion"]
+        assert hparams["model.width"] == pytest.approx(run.params["model.width"])
+        assert hparams["model.stage_repeats"] == "(1, 1, 1, 1, 1, 1, 1)"
+    # One line per expansion (the first grid field), points ordered by multiply-adds.
+    assert set(written.macs_series) == {"expansion=2", "expansion=4"}
+    for expansion, (xs, ys) in written.macs_series.items():
+        members = sorted(
+            (r for r in rows if f"expansion={float(r['model.expansion']):g}" == expansion), key=lambda r: int(r["macs"])
+        )
+        assert xs == [int(r["macs"]) / 1e6 for r in members] and xs == sorted(xs)
+        assert ys == [float(r["final eval/top1"]) for r in members]
+    from matplotlib import image
+
+    for plot in (report.MACS_PLOT, report.STEPS_PLOT):
+        assert image.imread(written.paths[plot]).shape[2] in (3, 4)
+
+
+STUB_TRAINER = """#!/usr/bin/env python3
+import json, os, signal, sys, time
+workdir = sys.argv[sys.argv.index("--workdir") + 1]
+def stop(signum, frame):
+    open(os.path.join(workdir, "sigterm"), "w").close()
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+open(os.path.join(workdir, "started"), "w").close()
+time.sleep(float(os.environ.get("STUB_SECONDS", "60")))
+json.dump({"step": 1, "train_seconds": 1.0}, open(os.path.join(workdir, "finished.json"), "w"))
+"""
+
+SWEEP_WITH_STUB = """
+import sys
+from mnv2_jax.sweeps import runner, spec
+runner._mnv2_executable = lambda: {stub!r}
+sweep = spec.load({path!r}, {root!r})
+runner.check_commands(sweep)
+sys.exit(runner.run_local(sweep))
+"""
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_a_stopped_sweep_stops_its_runs_and_a_rerun_waits_for_them(tmp_path, how):
+    """SIGTERM to the sweep: its run gets SIGTERM and the sweep exits with 143. SIGKILL: the kernel sends the run
+    SIGTERM (PR_SET_PDEATHSIG); the run keeps the workdir's lock until it exits."""
+    stub = tmp_path / "mnv2"
+    stub.write_text(STUB_TRAINER)
+    stub.chmod(0o755)
+    path = write_sweep(tmp_path / "grid.py", '{"config": "configs/quickstart.py", "grid": {"model.expansion": [2]}}')
+    sweep = spec.load(path, str(tmp_path / "root"))
+    workdir = sweep.runs[0].workdir
+    script = SWEEP_WITH_STUB.format(stub=str(stub), path=path, root=str(tmp_path / "root"))
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    wait_for(lambda: os.path.exists(os.path.join(workdir, "started")), timeout_s=60)
+    assert not lock_is_free(workdir)
+    process.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+    status = process.wait(timeout=30)
+    wait_for(lambda: os.path.exists(os.path.join(workdir, "sigterm")), timeout_s=30)
+    assert status == (143 if how == "sigterm" else -signal.SIGKILL)
+    wait_for(lambda: lock_is_free(workdir), timeout_s=30)
+    assert runner.run_state(sweep.runs[0]) == "started"
+    # The rerun trains it to the end (the stub's quick run) and a third run finds it finished.
+    rerun = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**os.environ, "STUB_SECONDS": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert "1 runs (1 started)" in rerun.stdout and "(resumes)" in rerun.stdout
+    assert runner.run_state(sweep.runs[0]) == "finished"
+
+
+def test_a_workdir_started_with_another_command_is_refused(tmp_path, mnv2):
+    path = write_sweep(tmp_path / "grid.py", '{"config": "configs/quickstart.py", "grid": {"model.expansion": [2]}}')
+    sweep = spec.load(path, str(tmp_path / "root"), ["num_train_steps=5"])
+    os.makedirs(sweep.runs[0].workdir)
+    with open(os.path.join(sweep.runs[0].workdir, runner.RUN_FILE), "w") as f:
+        json.dump({"sweep": "grid", "command": spec.train_command(sweep, sweep.runs[0])}, f)
+    status, _, err = mnv2("sweep", path, "--root", tmp_path / "root", "--dry-run", "--set", "num_train_steps=5")
+    assert status == 0, err
+    status, _, err = mnv2("sweep", path, "--root", tmp_path / "root", "--set", "num_train_steps=6")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "run expansion=2 in" in err and "was started with another command" in err
+    assert "--config.num_train_steps=5" in err and "--config.num_train_steps=6" in err

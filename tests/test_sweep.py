@@ -355,3 +355,86 @@ def test_a_workdir_started_with_another_command_is_refused(tmp_path, mnv2):
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert "run expansion=2 in" in err and "was started with another command" in err
     assert "--config.num_train_steps=5" in err and "--config.num_train_steps=6" in err
+
+
+def test_the_report_summarises_each_variant_over_its_seeds(tmp_path):
+    path = write_sweep(
+        tmp_path / "seeds.py",
+        '{"config": "configs/quickstart.py", "variants": [{"name": "a"}, {"name": "b"}], "seeds": [0, 1, 2]}',
+    )
+    sweep = spec.load(path, str(tmp_path / "root"))
+    finals = {"a,seed=0": 0.8, "a,seed=1": 0.7, "a,seed=2": 0.9, "b,seed=0": 0.5, "b,seed=1": None, "b,seed=2": 0.6}
+    rows = [{"run": run.name, **run.params, "final eval/top1": finals[run.name]} for run in sweep.runs]
+    summary = report.over_seeds(sweep, rows, "eval/top1")
+    assert [(r["variant"], r["seeds"]) for r in summary] == [("a", 3), ("b", 2)]
+    assert summary[0]["mean final eval/top1"] == pytest.approx(0.8)
+    assert summary[0]["std final eval/top1"] == pytest.approx(0.1)  # sample standard deviation (n - 1)
+    assert (summary[0]["min final eval/top1"], summary[0]["max final eval/top1"]) == (0.7, 0.9)
+    assert summary[1]["mean final eval/top1"] == pytest.approx(0.55)
+    assert "| a | 3 | 0.8000 | 0.1000 | 0.7000 | 0.9000 |" in report.markdown_table(summary)
+    no_seeds = spec.load(write_sweep(tmp_path / "v.py", '{"config": "c.py", "variants": [{"name": "a"}]}'), "r")
+    assert report.over_seeds(no_seeds, rows, "eval/top1") == []
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """`gs://...` paths through `etils.epath` land under `tmp_path/gcs` (no network); the working directory is an
+    empty folder, to show that nothing writes a local `gs:` directory instead."""
+    from etils.epath import testing
+
+    root = tmp_path / "gcs"
+
+    def local(path):
+        text = os.fspath(path)
+        return str(root / text[len("gs://") :]) if text.startswith("gs://") else path
+
+    def redirect(original, path, *args, **kwargs):
+        return original(local(path), *[local(a) for a in args], **kwargs)
+
+    names = ("open", "copy", "rename", "exists", "glob", "walk", "isdir", "listdir", "makedirs", "mkdir", "remove")
+    names += ("replace", "rmtree", "stat")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    from etils.epath import gpath
+
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # else epath takes TF's real GCS, not the mock
+    with testing.mock_epath(**dict.fromkeys(names, redirect)):
+        yield root
+    assert not os.listdir(cwd)
+
+
+def test_a_gs_workdirs_own_files_go_through_the_cloud_file_system(fake_gcs):
+    """The trainer's workdir files (write probe, config.json, metrics.jsonl, finished.json, interrupted checkpoints)
+    and the sweep's run states use `etils.epath`, which writes `gs://` through TensorFlow's Cloud Storage file system;
+    before, `os.path.abspath("gs://b/w")` made them a local folder `gs:/b/w`."""
+    from mnv2_jax.config import base_config
+    from mnv2_jax.training import checkpoint, metrics, run_files, train
+
+    workdir = "gs://bucket/sweeps/grid/expansion=2"
+    train.check_writable(workdir)
+    assert (fake_gcs / "bucket/sweeps/grid/expansion=2").is_dir()
+    assert checkpoint.checkpoint_dir(workdir) == workdir + "/checkpoints"
+
+    config = base_config()
+    train._write_config(workdir, config)
+    assert json.loads((fake_gcs / "bucket/sweeps/grid/expansion=2/config.json").read_text())["model"]["width"] == 1.0
+    writer = metrics.JsonlWriter(workdir + "/metrics.jsonl")
+    writer.write_scalars(1, {"train/loss": 2.5})
+    writer.write_scalars(2, {"eval/top1": 0.5})
+    writer.close()
+    assert run_files.read_metrics(workdir) == [{"step": 1, "train/loss": 2.5}, {"step": 2, "eval/top1": 0.5}]
+
+    sweep_run = spec.Run("expansion=2", {"model.expansion": 2}, {"model.expansion": 2}, workdir)
+    assert runner.run_state(sweep_run) == "started"
+    run_files.write_finished(workdir, 2, 12.5)
+    assert run_files.read_finished(workdir) == {"step": 2, "train_seconds": 12.5}
+    assert runner.run_state(sweep_run) == "finished"
+
+    # On Cloud Storage orbax marks a finished step with commit_success.txt (no rename): step 4 was interrupted.
+    checkpoints = fake_gcs / "bucket/sweeps/grid/expansion=2/checkpoints"
+    (checkpoints / "2").mkdir(parents=True)
+    (checkpoints / "2" / "commit_success.txt").write_text("ok")
+    (checkpoints / "4").mkdir()
+    assert checkpoint.discard_incomplete(workdir) == ["4"]
+    assert sorted(os.listdir(checkpoints)) == ["2"]

@@ -4,7 +4,7 @@
     mnv2 sweep configs/sweeps/fig6b_shortcut.py --report
 
 `model.residual=expansion` adds each block's expansion output to the next block's (the paper's "shortcut between
-expansions"); `none` removes the shortcuts. The quickstart recipe for one epoch, evaluated every quarter epoch, two
+expansions"); `none` removes the shortcuts. The quickstart recipe for one epoch, evaluated every quarter epoch, three
 seeds per variant. The paper finds shortcuts between bottlenecks best; results: docs/ablations.md.
 """
 
@@ -18,5 +18,5 @@ def get_sweep():
             {"name": "expansion", "model.residual": "expansion"},
             {"name": "none", "model.residual": "none"},
         ],
-        "seeds": [0, 1],
+        "seeds": [0, 1, 2],
     }

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from etils import epath
 
 from mnv2_jax.sweeps import runner, spec
 from mnv2_jax.training import run_files
@@ -28,11 +29,8 @@ _NOT_SHOWN = ("eval/count", "eval/seconds")
 def _saved_config(workdir: str):
     from mnv2_jax import config as config_lib
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return config_lib.from_dict(json.load(f))
+    saved = run_files.read_json(epath.Path(workdir) / run_files.CONFIG_FILE)
+    return None if saved is None else config_lib.from_dict(saved)
 
 
 def model_size(config) -> dict[str, int]:
@@ -52,7 +50,7 @@ def eval_history(records: Sequence[Mapping[str, Any]], metric: str) -> list[tupl
 def run_row(run: spec.Run, metric: str) -> dict[str, Any]:
     """One run's row: swept values, state, final and best metric, size, wall time and training images/s."""
     row: dict[str, Any] = {"run": run.name, **run.params, "state": runner.run_state(run)}
-    records = run_files.read_metrics(run.workdir) if os.path.isdir(run.workdir) else []
+    records = run_files.read_metrics(run.workdir)
     config = _saved_config(run.workdir)
     history = eval_history(records, metric)
     evals = [r for r in records if metric in r]
@@ -64,7 +62,7 @@ def run_row(run: spec.Run, metric: str) -> dict[str, Any]:
     for key, value in sorted(evals[-1].items()) if evals else ():
         if key.startswith("eval/") and key.count("/") == 1 and key != metric and key not in _NOT_SHOWN:
             row[f"final {key}"] = value
-    finished = run_files.read_finished(run.workdir) if os.path.isdir(run.workdir) else None
+    finished = run_files.read_finished(run.workdir)
     row["wall seconds"] = finished["train_seconds"] if finished else None
     rates = sorted(r["steps_per_sec"] for r in records if "steps_per_sec" in r)
     median_rate = rates[len(rates) // 2] if rates else None
@@ -105,7 +103,7 @@ def _cell(value: Any, column: str) -> str:
         return f"{value / 1e6:.3f}M"
     if isinstance(value, float) and column in ("wall seconds", "train images/s"):
         return f"{value:.0f}"
-    if isinstance(value, float) and (column.startswith(("final ", "best ")) or column.startswith("eval/")):
+    if isinstance(value, float) and column.startswith(("final ", "best ", "mean ", "std ", "min ", "max ")):
         return f"{value:.4f}"
     return str(value)
 
@@ -115,6 +113,30 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c), c) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def over_seeds(sweep: spec.Sweep, rows: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """One row per run without its seed: the number of seeds with a final value, their mean, standard deviation
+    (n - 1), minimum and maximum of the final `metric` (empty when the sweep has no seeds)."""
+    if "seed" not in sweep.axes:
+        return []
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        key = tuple(row[axis] for axis in sweep.axes if axis != "seed")
+        groups.setdefault(key, []).append(row.get(f"final {metric}"))
+    table = []
+    for key, values in groups.items():
+        values = [v for v in values if v is not None]
+        entry: dict[str, Any] = dict(zip([a for a in sweep.axes if a != "seed"], key, strict=True))
+        entry["seeds"] = len(values)
+        mean = sum(values) / len(values) if values else None
+        spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        entry.update({f"mean final {metric}": mean, f"std final {metric}": spread})
+        entry.update(
+            {f"min final {metric}": min(values, default=None), f"max final {metric}": max(values, default=None)}
+        )
+        table.append(entry)
+    return table
 
 
 def lines_field(sweep: spec.Sweep) -> str | None:
@@ -180,8 +202,13 @@ def plot_metric_vs_step(
 
     figure, axis = plt.subplots(figsize=(6.4, 4.4))
     series: Series = {name: ([s for s, _ in history], [v for _, v in history]) for name, history in histories.items()}
+    colours: dict[str, Any] = {}  # one colour per run without its seed; seeds differ by line style
+    styles = ("-", "--", ":", "-.")
     for name, (xs, ys) in series.items():
-        axis.plot(xs, ys, marker=".", label=name)
+        group, _, seed = name.partition(",seed=") if ",seed=" in name else (name, "", "")
+        colour = colours.setdefault(group, f"C{len(colours) % 10}")
+        style = styles[int(seed) % len(styles)] if seed.isdigit() else "-"
+        axis.plot(xs, ys, marker=".", label=name, color=colour, linestyle=style)
     axis.set_xlabel("training step")
     axis.set_ylabel(metric)
     axis.set_title(f"{sweep.name}: {metric} during training")
@@ -216,10 +243,10 @@ def write(sweep: spec.Sweep, out_dir: str | None = None) -> Report:
     with open(paths[MARKDOWN_FILE], "w") as f:
         f.write(f"# Sweep `{sweep.name}` ({sweep.path}): {len(rows)} runs, metric `{metric}`\n\n")
         f.write(markdown_table(rows))
+        seeds = over_seeds(sweep, rows, metric)
+        if seeds:
+            f.write(f"\n## Over seeds\n\n{markdown_table(seeds)}")
     macs_series = plot_metric_vs_macs(sweep, rows, metric, paths[MACS_PLOT])
-    histories = {
-        run.name: eval_history(run_files.read_metrics(run.workdir), metric) if os.path.isdir(run.workdir) else []
-        for run in sweep.runs
-    }
+    histories = {run.name: eval_history(run_files.read_metrics(run.workdir), metric) for run in sweep.runs}
     step_series = plot_metric_vs_step(sweep, histories, metric, paths[STEPS_PLOT])
     return Report(metric, rows, paths, macs_series, step_series)

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from etils import epath
+
 from mnv2_jax.sweeps import spec
 from mnv2_jax.training import run_files
 
@@ -44,9 +46,9 @@ def _is_local(path: str) -> bool:
 
 def run_state(run: spec.Run) -> str:
     """`finished` (trained to its last step), `started` (has a workdir: it resumes) or `new`."""
-    if _is_local(run.workdir) and run_files.read_finished(run.workdir) is not None:
+    if run_files.read_finished(run.workdir) is not None:
         return "finished"
-    return "started" if _is_local(run.workdir) and os.path.isdir(run.workdir) else "new"
+    return "started" if epath.Path(run.workdir).is_dir() else "new"
 
 
 def _read_record(run: spec.Run) -> dict[str, Any]:

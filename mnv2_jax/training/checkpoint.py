@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,9 +21,11 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from mnv2_jax import config as config_lib
 from mnv2_jax.errors import UserError
+from mnv2_jax.training import run_files
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_ITEM = "config"
@@ -57,7 +58,8 @@ class CheckpointError(UserError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    """`<workdir>/checkpoints`, absolute (a `gs://` workdir stays a URI)."""
+    return os.path.join(run_files.absolute(workdir), CHECKPOINT_DIR)
 
 
 def manager(
@@ -136,15 +138,13 @@ def discard_incomplete(workdir: str) -> list[str]:
     Orbax lists only committed steps, so an incomplete one is never restored;
     this reports and deletes what it left behind. Call on one process only.
     """
-    directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
+    directory = epath.Path(checkpoint_dir(workdir))
+    if not directory.is_dir():
         return []
-    incomplete = sorted(
-        name for name in os.listdir(directory) if ocp.step.is_tmp_checkpoint(os.path.join(directory, name))
-    )
+    incomplete = sorted(path.name for path in directory.iterdir() if ocp.step.is_tmp_checkpoint(path))
     for name in incomplete:
-        logging.warning("removing incomplete checkpoint %s (its write was interrupted)", os.path.join(directory, name))
-        shutil.rmtree(os.path.join(directory, name))
+        logging.warning("removing incomplete checkpoint %s (its write was interrupted)", directory / name)
+        (directory / name).rmtree()
     return incomplete
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 from clu import metric_writers
+from etils import epath
 
 from mnv2_jax.training.run_files import METRICS_FILE
 
@@ -45,7 +46,7 @@ class JsonlWriter(NullWriter):
     """Appends one JSON object per `write_scalars` call: `{"step": N, "train/loss": ..., ...}`."""
 
     def __init__(self, path: str):
-        self._file = open(path, "a")  # noqa: SIM115 (closed in close())
+        self._file = epath.Path(path).open("a")  # closed in close(); a gs:// file is rewritten at each flush
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
@@ -66,6 +67,6 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
     """TensorBoard (`<workdir>/tensorboard`), console logging and `<workdir>/metrics.jsonl` on process 0."""
     if jax.process_index() != 0:
         return NullWriter()
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     default = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), asynchronous=False)
     return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, METRICS_FILE))])

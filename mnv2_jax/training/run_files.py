@@ -1,7 +1,9 @@
 """The small files a run keeps in its workdir besides checkpoints, read without importing JAX or TensorFlow.
 
-`metrics.jsonl`: one JSON object per metrics write (`training.metrics.JsonlWriter`); `finished.json`: written by
-process 0 once the run has trained its last step (`mnv2 sweep` skips such runs).
+`config.json` (the run's final config), `metrics.jsonl` (one JSON object per metrics write,
+`training.metrics.JsonlWriter`) and `finished.json` (written by process 0 once the run has trained its last step;
+`mnv2 sweep` skips such runs). Paths go through `etils.epath`, so a workdir may be local or a `gs://` URI (TensorFlow's
+file system, imported only for URIs).
 """
 
 from __future__ import annotations
@@ -10,31 +12,50 @@ import json
 import os
 from typing import Any
 
+from etils import epath
+
+CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 FINISHED_FILE = "finished.json"  # {"step": last step, "train_seconds": the sessions' seconds up to their checkpoints}
 
 
+def is_uri(path: str) -> bool:
+    """`gs://bucket/dir` and other URIs (not local paths)."""
+    return "://" in str(path)
+
+
+def absolute(workdir: str) -> str:
+    """`workdir` as an absolute local path, or unchanged when it is a URI."""
+    return str(workdir) if is_uri(workdir) else os.path.abspath(workdir)
+
+
+def write_json(path: str | epath.Path, data: Any, **dump_args: Any) -> None:
+    """Writes `data` as JSON under a temporary name, then renames it into place."""
+    path = epath.Path(path)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(data, **dump_args))
+    tmp.replace(path)
+
+
+def read_json(path: str | epath.Path) -> Any | None:
+    """The JSON in `path`, or None when there is no such file."""
+    path = epath.Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """All records of `<workdir>/metrics.jsonl` (empty when there is none)."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / METRICS_FILE
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_finished(workdir: str, step: int, train_seconds: float) -> None:
-    """Marks `workdir` as trained to its last step (atomic; process 0 only)."""
-    path = os.path.join(workdir, FINISHED_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"step": int(step), "train_seconds": round(float(train_seconds), 3)}, f)
-    os.replace(path + ".tmp", path)
+    """Marks `workdir` as trained to its last step (process 0 only)."""
+    write_json(epath.Path(workdir) / FINISHED_FILE, {"step": int(step), "train_seconds": round(train_seconds, 3)})
 
 
 def read_finished(workdir: str) -> dict[str, Any] | None:
     """`<workdir>/finished.json`, or None while the run has not reached its last step."""
-    path = os.path.join(workdir, FINISHED_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(epath.Path(workdir) / FINISHED_FILE)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
@@ -118,12 +118,11 @@ class WorkdirError(UserError):
 
 def check_writable(workdir: str) -> None:
     """Creates `workdir` if needed and checks that files can be written in it (before anything is compiled)."""
-    probe = os.path.join(workdir, f".mnv2-write-test-{os.getpid()}")
+    probe = epath.Path(workdir) / f".mnv2-write-test-{os.getpid()}"
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as e:
         raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
@@ -183,11 +182,7 @@ def evaluate(
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if jax.process_index() == 0:
-        path = os.path.join(workdir, "config.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(config_lib.to_dict(config), f, indent=2)
-        os.replace(tmp, path)
+        run_files.write_json(epath.Path(workdir) / run_files.CONFIG_FILE, config_lib.to_dict(config), indent=2)
 
 
 @dataclasses.dataclass(frozen=True)

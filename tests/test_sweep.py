@@ -102,7 +102,7 @@ def test_dry_run_prints_each_runs_command_and_changes_nothing(tmp_path, mnv2):
     assert not (tmp_path / "root").exists()
 
 
-def test_slurm_and_tpu_runners_submit_the_same_train_command(tmp_path, mnv2):
+def test_slurm_and_tpu_runners_submit_the_same_train_command(tmp_path, mnv2, fake_gcs):
     path = write_sweep(tmp_path / "grid.py", '{"config": "configs/quickstart.py", "grid": {"model.expansion": [2, 4]}}')
     status, out, err = mnv2(
         "sweep",
@@ -378,8 +378,7 @@ def test_the_report_summarises_each_variant_over_its_seeds(tmp_path):
 
 @pytest.fixture
 def fake_gcs(tmp_path, monkeypatch):
-    """`gs://...` paths through `etils.epath` land under `tmp_path/gcs` (no network); the working directory is an
-    empty folder, to show that nothing writes a local `gs:` directory instead."""
+    """`gs://...` paths through `etils.epath` land under `tmp_path/gcs` (no network)."""
     from etils.epath import testing
 
     root = tmp_path / "gcs"
@@ -393,15 +392,12 @@ def fake_gcs(tmp_path, monkeypatch):
 
     names = ("open", "copy", "rename", "exists", "glob", "walk", "isdir", "listdir", "makedirs", "mkdir", "remove")
     names += ("replace", "rmtree", "stat")
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
     from etils.epath import gpath
 
     monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # else epath takes TF's real GCS, not the mock
     with testing.mock_epath(**dict.fromkeys(names, redirect)):
         yield root
-    assert not os.listdir(cwd)
+    assert not os.path.exists("gs:")  # nothing wrote a local folder in place of the bucket
 
 
 def test_a_gs_workdirs_own_files_go_through_the_cloud_file_system(fake_gcs):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import json
 import multiprocessing
 import os
 import shlex
@@ -40,10 +39,6 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
-
-
 def run_state(run: spec.Run) -> str:
     """`finished` (trained to its last step), `started` (has a workdir: it resumes) or `new`."""
     if run_files.read_finished(run.workdir) is not None:
@@ -52,21 +47,12 @@ def run_state(run: spec.Run) -> str:
 
 
 def _read_record(run: spec.Run) -> dict[str, Any]:
-    path = os.path.join(run.workdir, RUN_FILE)
-    if not _is_local(run.workdir) or not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    return run_files.read_json(epath.Path(run.workdir) / RUN_FILE) or {}
 
 
 def _write_record(run: spec.Run, record: Mapping[str, Any]) -> None:
-    if not _is_local(run.workdir):
-        return
-    os.makedirs(run.workdir, exist_ok=True)
-    path = os.path.join(run.workdir, RUN_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(dict(record), f, indent=1)
-    os.replace(path + ".tmp", path)
+    epath.Path(run.workdir).mkdir(parents=True, exist_ok=True)
+    run_files.write_json(epath.Path(run.workdir) / RUN_FILE, dict(record), indent=1)
 
 
 def check_commands(sweep: spec.Sweep) -> None:

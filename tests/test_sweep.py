@@ -434,3 +434,18 @@ def test_a_gs_workdirs_own_files_go_through_the_cloud_file_system(fake_gcs):
     (checkpoints / "4").mkdir()
     assert checkpoint.discard_incomplete(workdir) == ["4"]
     assert sorted(os.listdir(checkpoints)) == ["2"]
+
+
+def test_parallel_runs_find_each_dataset_prepared_once(tmp_path, monkeypatch):
+    """`--parallel N` first prepares each dataset the runs read, once (first-time TFDS preparations would race)."""
+    from mnv2_jax.training import train
+
+    path = write_sweep(
+        tmp_path / "data.py",
+        '{"config": "configs/quickstart.py", "grid": {"dataset": ["cifar10", "fashion_mnist"], "seed": [0, 1]}}',
+    )
+    sweep = spec.load(path, str(tmp_path / "root"))
+    opened = []
+    monkeypatch.setattr(train, "open_dataset", lambda config: opened.append((config.dataset, config.data_dir)))
+    runner.prepare_datasets(sweep, sweep.runs)
+    assert opened == [("cifar10", None), ("fashion_mnist", None)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import flags
@@ -10,7 +9,7 @@ from absl import flags
 from mnv2_jax import config as config_lib
 from mnv2_jax.cli import common
 from mnv2_jax.convert.importers import FORMATS, import_variables
-from mnv2_jax.training import checkpoint
+from mnv2_jax.training import checkpoint, run_files
 
 
 def write_workdir(workdir: str, variables: dict, config) -> str:
@@ -23,8 +22,7 @@ def write_workdir(workdir: str, variables: dict, config) -> str:
     with checkpoint.manager(workdir) as mngr:
         checkpoint.save(mngr, 0, variables, config)
         mngr.wait_until_finished()
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config_lib.to_dict(config), f, indent=2)
+    run_files.write_json(os.path.join(workdir, run_files.CONFIG_FILE), config_lib.to_dict(config), indent=2)
     return checkpoint.checkpoint_dir(workdir)
 
 

@@ -6,7 +6,8 @@ larger networks with larger ones (Section 6.1); this grid tests that.
 
 `model.expansion` sets t of stages 2-7 (the first stage keeps t=1, as in the paper); per-stage ratios go in
 `model.stage_expansion` (seven values), e.g. a grid over `"model.stage_expansion": [(1, 4, 4, 6, 6, 6, 6), ...]`.
-The quickstart recipe for one epoch, two seeds; one line per expansion in the multiply-add plot. Results: docs/ablations.md.
+The quickstart recipe for one epoch, two seeds; one line per expansion in the multiply-add plot.
+Results: docs/ablations.md.
 """
 
 

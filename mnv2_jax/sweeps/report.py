@@ -154,33 +154,44 @@ Series = dict[str, tuple[list[float], list[float]]]  # a plot's lines: label -> 
 
 
 def plot_metric_vs_macs(sweep: spec.Sweep, rows: Sequence[Mapping[str, Any]], metric: str, path: str) -> Series:
-    """Figure 5 style: final `metric` against multiply-adds (log scale), one line per value of `lines_field`;
-    returns the plotted lines."""
+    """Figure 5 style: final `metric` (the mean over seeds) against multiply-adds (log scale), one line per value of
+    `lines_field`; returns the plotted lines."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     by = lines_field(sweep)
-    points = [r for r in rows if r.get("macs") and r.get(f"final {metric}") is not None]
+    seeded = "seed" in sweep.axes
+    points: dict[tuple, list] = {}  # the runs of one point: the same swept values but the seed
+    for row in rows:
+        if row.get("macs") and row.get(f"final {metric}") is not None:
+            points.setdefault(tuple(row[a] for a in sweep.axes if a != "seed"), []).append(row)
     groups: dict[Any, list] = {}
-    for row in points:
-        groups.setdefault(row[by] if by else "runs", []).append(row)
+    for members in points.values():
+        first = members[0]
+        mean = sum(r[f"final {metric}"] for r in members) / len(members)
+        name = first["run"].partition(",seed=")[0] if seeded else first["run"]
+        groups.setdefault(first[by] if by else "runs", []).append((first["macs"] / 1e6, mean, name))
     figure, axis = plt.subplots(figsize=(6.4, 4.4))
     series: Series = {}
     for value, members in groups.items():
-        members = sorted(members, key=lambda r: r["macs"])
-        xs = [r["macs"] / 1e6 for r in members]
-        ys = [r[f"final {metric}"] for r in members]
+        members.sort()
+        xs, ys = [x for x, _, _ in members], [y for _, y, _ in members]
         label = f"{by.rsplit('.', 1)[-1]}={value}" if by else "runs"
         series[label] = (xs, ys)
-        axis.plot(xs, ys, marker="o", label=label)
+        axis.plot(xs, ys, marker="o", label=label, linestyle="-" if by else "none")
         if not by:
-            for row, x, y in zip(members, xs, ys, strict=True):
-                axis.annotate(row["run"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            for x, y, name in members:
+                axis.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axis.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}")
+    axis.xaxis.set_major_formatter(plain)
+    axis.xaxis.set_minor_formatter(plain)
+    axis.tick_params(axis="x", which="minor", labelsize=7)
     axis.set_xlabel("multiply-adds (millions, log scale)")
-    axis.set_ylabel(f"final {metric}")
+    axis.set_ylabel(f"final {metric}" + (" (mean over seeds)" if seeded else ""))
     axis.set_title(f"{sweep.name}: {metric} against multiply-adds")
     axis.grid(True, which="both", alpha=0.3)
     if by:

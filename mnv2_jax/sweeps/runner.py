@@ -109,9 +109,11 @@ class _LocalRun:
             )
 
     def poll(self) -> int | None:
+        """The child's exit status, or None while it runs; releases this process's copy of the lock once it ended."""
         status = self.process.poll()
-        if status is not None:
+        if status is not None and self.lock is not None:
             os.close(self.lock)
+            self.lock = None
         return status
 
 

@@ -117,9 +117,9 @@ def compile_step(config: ml_collections.ConfigDict, mode: str = "train", batch: 
     compile_s = time.perf_counter() - started
     flops = _cost_flops(compiled)
     backbone = models.backbone_of(trainer.model)
-    if mode == "infer" and backbone.inference_chunk != 0:
-        # XLA's cost analysis counts a loop's body once: count the same network run on the whole batch.
-        whole_batch = models.with_backbone(trainer.model, backbone.clone(inference_chunk=0))
+    if mode == "infer" and (backbone.inference_chunk != 0 or backbone.expansion_splits > 1):
+        # XLA's cost analysis counts a loop's body once: count the same network run on the whole batch, whole blocks.
+        whole_batch = models.with_backbone(trainer.model, backbone.clone(inference_chunk=0, expansion_splits=1))
         flops = _cost_flops(jit_predict(whole_batch).lower(*args).compile())
     on_kernels = layers.resolve_depthwise(config.model.depthwise) is layers.depthwise_cpu_kernel
     if mode == "train" and on_kernels and flops is not None and backbone.conventions.dtype == np.float32:

@@ -69,6 +69,10 @@ def base_config(convention: str = "tf") -> ml_collections.ConfigDict:
     # batch; None: 1 on CPU (activations stay in cache, chunks run in parallel), the whole batch elsewhere.
     model.inference_chunk = config_dict.placeholder(int)
     model.remat = False  # recompute each block's expanded tensors in the backward pass: less memory, more FLOPs
+    # Inference (eval, predict, bench): each block in this many groups of its expansion channels, so its expanded
+    # tensor is never whole (the paper's memory-efficient inference, docs/memory.md); 1: off. Training and exports
+    # run whole blocks.
+    model.expansion_splits = 1
     model.bn_group_size = config_dict.placeholder(int)
     model.init_stddev = 0.09
     model.dtype = "float32"
@@ -255,6 +259,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice("model.dtype", model.dtype, DTYPES)
     _check_positive("model.divisible_by", model.divisible_by)
     _check_positive("model.min_depth", model.min_depth)
+    _check_positive("model.expansion_splits", model.expansion_splits)
+    if model.expansion_splits > 1 and model.residual == "expansion":
+        raise ConfigError(
+            "model.expansion_splits > 1 needs model.residual in ('bottleneck', 'none'): the 'expansion' shortcut "
+            "carries a block's whole expanded tensor to the next block"
+        )
     if not 0 <= model.bn_momentum < 1:
         raise ConfigError(f"model.bn_momentum must be in [0, 1), got {model.bn_momentum!r}")
     _check_positive("model.bn_epsilon", model.bn_epsilon, float)

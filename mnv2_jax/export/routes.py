@@ -43,9 +43,12 @@ def metadata_path(out: str) -> str:
 
 
 def export_model(config: ml_collections.ConfigDict) -> MobileNetV2 | MobileDeepLabV3:
-    """The task's inference model for exports: native convolution ops (grouped depthwise, 1x1 conv), float32; a
-    segmenter at one scale (multi-scale inference, `segmentation.eval_scales`, is the caller's loop)."""
-    model = tasks.get(config).build_model(depthwise="grouped", pointwise="conv", regular_conv="conv", dtype="float32")
+    """The task's inference model for exports: native convolution ops (grouped depthwise, 1x1 conv), float32, whole
+    blocks (the runtime plans its own memory); a segmenter at one scale (multi-scale inference,
+    `segmentation.eval_scales`, is the caller's loop)."""
+    model = tasks.get(config).build_model(
+        depthwise="grouped", pointwise="conv", regular_conv="conv", dtype="float32", expansion_splits=1
+    )
     return model.clone(eval_scales=(1.0,), eval_flip=False) if isinstance(model, MobileDeepLabV3) else model
 
 

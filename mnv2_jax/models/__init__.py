@@ -100,7 +100,8 @@ def build_detector(
 ) -> SSDLite:
     """SSD(Lite) described by `config.model` (backbone, object classes) and `config.detection` (head, anchors)."""
     cfg = _model_config(model_config, overrides)
-    backbone = _backbone(cfg, num_classes=0)
+    endpoints = feature_endpoints(stage_repeats(cfg.stage_repeats))
+    backbone = _backbone(cfg, num_classes=0, head_endpoints=endpoints)
     spec = anchors.spec_of(detection)
     head = SSDHead(
         num_classes=cfg.num_classes,
@@ -111,7 +112,7 @@ def build_detector(
         class_bias_init=class_bias_init(
             detection.class_prior
         ),  # the extra layers' depths, as the API's feature extractor scales them
-        feature_endpoints=feature_endpoints(stage_repeats(cfg.stage_repeats)),
+        feature_endpoints=endpoints,
     )
     return SSDLite(backbone, head, fine_tune_batch_norm=detection.fine_tune_batch_norm)
 

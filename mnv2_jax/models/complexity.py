@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnv2_jax.models import backbone_of, with_backbone
 from mnv2_jax.models.layers import ConvBN
 
 
@@ -41,6 +42,7 @@ def subtree(tree: dict, path) -> dict:
 
 def layer_rows(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[LayerRow], dict]:
     """Per-layer rows (in execution order) and the abstract variables of `model` on `input_shape` (NHWC)."""
+    model = with_backbone(model, backbone_of(model).clone(expansion_splits=1))  # the same layers, each called whole
     images = jax.ShapeDtypeStruct(input_shape, jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), images)
     calls = []

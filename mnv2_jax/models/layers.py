@@ -320,6 +320,14 @@ def _relu6_jvp(primals, tangents):
     return jnp.clip(x, 0, 6), jnp.where(inside, dx, jnp.zeros_like(dx))
 
 
+def inference_affine(
+    scale: jax.Array, bias: jax.Array, mean: jax.Array, var: jax.Array, epsilon: float, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
+    """Inference batch norm as `y = x * multiplier + offset` (both in `dtype`) from the stored statistics."""
+    multiplier = scale * lax.rsqrt(var + epsilon)
+    return multiplier.astype(dtype), (bias - mean * multiplier).astype(dtype)
+
+
 class BatchNorm(nn.Module):
     """Batch normalisation with global or per-group ("ghost") statistics.
 
@@ -343,11 +351,8 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), stats_dtype)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), stats_dtype)
         if not train:
-            mean, var = ra_mean.value, ra_var.value
-            multiplier = scale * lax.rsqrt(var + self.epsilon)
-            return (x * multiplier.astype(self.dtype) + (bias - mean * multiplier).astype(self.dtype)).astype(
-                self.dtype
-            )
+            multiplier, offset = inference_affine(scale, bias, ra_mean.value, ra_var.value, self.epsilon, self.dtype)
+            return (x * multiplier + offset).astype(self.dtype)
 
         xf = x.astype(stats_dtype)
         batch = x.shape[0]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mnv2_jax.models import splits
 from mnv2_jax.models.layers import ConvBN, Conventions, make_divisible, relu6
 
 # (expansion t, output channels c, repeats n, first stride s) of paper Table 2.
@@ -228,6 +229,11 @@ class MobileNetV2(nn.Module):
     inference_chunk: int | None = None  # images per device run together by `predict` (0: all; None: auto)
     final_endpoint: str | None = None  # None: the last layer; a backbone (`num_classes=0`) may stop earlier (slim's)
     stage_repeats: tuple[int, ...] | None = None  # blocks per stage; None: the paper's (1, 2, 3, 4, 3, 3, 1)
+    # Inference only: each block run in this many groups of its expansion channels (`mnv2_jax.models.splits`); the
+    # stem joins the first block, the last conv the pooling. 1: every tensor whole. Blocks whose inner endpoints
+    # are in `head_endpoints` (read by a task's head) stay whole.
+    expansion_splits: int = 1
+    head_endpoints: tuple[str, ...] = ()
 
     def specs(self, in_features: int = 3) -> list[LayerSpec]:
         specs = layer_specs(
@@ -256,8 +262,18 @@ class MobileNetV2(nn.Module):
         endpoints: dict[str, jax.Array] = {}
         x = images
         pending_shortcut = None  # expanded tensor carried to the next block ("expansion" residuals)
-        # Only the block inputs are kept for the backward pass; `train` (argument 2 counting self) is static.
-        for spec in self.specs(images.shape[-1]):
+        specs = self.specs(images.shape[-1])
+        split = self.split_plan(specs) if self.expansion_splits > 1 and not train and not self.is_initializing() else {}
+        for index, spec in enumerate(specs):
+            if spec.endpoint in split:
+                pending_shortcut = None
+                if split[spec.endpoint] == "stem":  # computed with the first block
+                    continue
+                x = self._split_layer(x, specs, index, split[spec.endpoint])
+                if split[spec.endpoint] == "conv+pool":  # x: the pooled features
+                    break
+                endpoints[spec.endpoint] = x
+                continue
             if spec.expanded_features is None:
                 kernel = 3 if spec.endpoint == "layer_1" else 1
                 x = ConvBN(spec.out_features, conv, kernel, spec.stride, spec.dilation, name=spec.scope)(x, train)
@@ -278,7 +294,7 @@ class MobileNetV2(nn.Module):
         if not self.num_classes:
             return x, endpoints
 
-        pooled = jnp.mean(x.astype(conv.param_dtype), axis=(1, 2))
+        pooled = x if x.ndim == 2 else jnp.mean(x.astype(conv.param_dtype), axis=(1, 2))
         endpoints["pre_logits"] = pooled
         pooled = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
         logits = nn.Dense(
@@ -291,6 +307,46 @@ class MobileNetV2(nn.Module):
         logits = logits.astype(conv.param_dtype)
         endpoints["logits"] = logits
         return logits, endpoints
+
+    def split_plan(self, specs: list[LayerSpec]) -> dict[str, str]:
+        """Which layers run in groups (`expansion_splits`) and how: `{endpoint: "block" | "stem+block" |
+        "conv+pool" | "stem"}` ("stem": computed inside the next block, so skipped)."""
+        plan = {}
+        for index, spec in enumerate(specs):
+            if spec.expanded_features is not None:
+                if any(name.startswith(f"{spec.endpoint}/") for name in self.head_endpoints):
+                    continue
+                if spec.has_expansion and self.residual != "expansion":
+                    plan[spec.endpoint] = "block"
+                elif index == 1 and specs[0].endpoint not in self.head_endpoints:
+                    plan[specs[0].endpoint], plan[spec.endpoint] = "stem", "stem+block"
+            elif index == len(specs) - 1 and index > 0 and self.num_classes:
+                plan[spec.endpoint] = "conv+pool"
+        return plan
+
+    def _split_layer(self, x: jax.Array, specs: list[LayerSpec], index: int, how: str) -> jax.Array:
+        """Layer `specs[index]` computed in groups of channels, from this model's stored variables."""
+        spec, conv = specs[index], self.conventions
+        variables = self.variables
+        if how == "conv+pool":
+            last_conv = splits.folded_conv(variables, (spec.scope,), conv)
+            return splits.conv_and_pool(x, last_conv, conv, self.expansion_splits)
+        stem = None
+        if how == "stem+block":
+            first = specs[0]
+            stem = (splits.folded_conv(variables, (first.scope,), conv), first.stride, first.dilation)
+        return splits.inverted_residual(
+            x,
+            splits.folded_conv(variables, (spec.scope, "expand"), conv) if spec.has_expansion else None,
+            splits.folded_conv(variables, (spec.scope, "depthwise"), conv),
+            splits.folded_conv(variables, (spec.scope, "project"), conv),
+            spec,
+            conv,
+            self.expansion_splits,
+            residual=self.residual == "bottleneck" and spec.residual,
+            nonlinear_bottleneck=self.nonlinear_bottleneck,
+            stem=stem,
+        )
 
 
 class BackboneWithHead(nn.Module):

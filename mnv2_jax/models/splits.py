@@ -57,8 +57,7 @@ def _slice(a: jax.Array, start: jax.Array, size: int, axis: int = -1) -> jax.Arr
 
 def _over_groups(channels: int, splits: int, step: Callable, init):
     """Runs `step(carry, start, size, fresh)` for each group of channels; `fresh` marks the group's channels that
-    no earlier group covered (all but the last group's overlap).
-    """
+    no earlier group covered (all but the last group's overlap)."""
     size, count = _groups(channels, splits)
 
     def body(carry, index):

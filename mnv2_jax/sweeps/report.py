@@ -23,7 +23,6 @@ from mnv2_jax.training import run_files
 REPORT_DIR = "report"
 CSV_FILE, MARKDOWN_FILE = "report.csv", "report.md"
 MACS_PLOT, STEPS_PLOT = "metric_vs_macs.png", "metric_vs_step.png"
-_NOT_SHOWN = ("eval/count", "eval/seconds")
 
 
 def _saved_config(workdir: str):
@@ -47,20 +46,19 @@ def eval_history(records: Sequence[Mapping[str, Any]], metric: str) -> list[tupl
     return [(int(r["step"]), float(r[metric])) for r in records if metric in r]
 
 
-def run_row(run: spec.Run, metric: str) -> dict[str, Any]:
-    """One run's row: swept values, state, final and best metric, size, wall time and training images/s."""
+def run_row(run: spec.Run, metric: str, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One run's row from its `metrics.jsonl` `records`: swept values, state, final and best metric, size, wall time
+    and training images/s."""
     row: dict[str, Any] = {"run": run.name, **run.params, "state": runner.run_state(run)}
-    records = run_files.read_metrics(run.workdir)
     config = _saved_config(run.workdir)
     history = eval_history(records, metric)
-    evals = [r for r in records if metric in r]
     row["step"] = max((int(r["step"]) for r in records if "step" in r), default=0)
     row.update(model_size(config) if config is not None else {"params": None, "macs": None})
     row[f"final {metric}"] = history[-1][1] if history else None
     best_step, best = max(history, key=lambda point: point[1]) if history else (None, None)
     row[f"best {metric}"], row["best step"] = best, best_step
-    for key, value in sorted(evals[-1].items()) if evals else ():
-        if key.startswith("eval/") and key.count("/") == 1 and key != metric and key not in _NOT_SHOWN:
+    for key, value in sorted(run_files.last_eval_metrics([r for r in records if metric in r]).items()):
+        if key != metric:
             row[f"final {key}"] = value
     finished = run_files.read_finished(run.workdir)
     row["wall seconds"] = finished["train_seconds"] if finished else None
@@ -81,10 +79,12 @@ def report_metric(sweep: spec.Sweep) -> str:
     return tasks.TASK_TYPES[config.task].best_metric
 
 
-def collect(sweep: spec.Sweep) -> tuple[str, list[dict[str, Any]]]:
-    """The report's metric and one row per run, in the sweep's order."""
+def collect(sweep: spec.Sweep) -> tuple[str, list[dict[str, Any]], dict[str, list[tuple[int, float]]]]:
+    """The report's metric, one row per run and each run's (step, metric) history, in the sweep's order."""
     metric = report_metric(sweep)
-    return metric, [run_row(run, metric) for run in sweep.runs]
+    records = {run.name: run_files.read_metrics(run.workdir) for run in sweep.runs}
+    histories = {name: eval_history(run_records, metric) for name, run_records in records.items()}
+    return metric, [run_row(run, metric, records[run.name]) for run in sweep.runs], histories
 
 
 def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -242,7 +242,7 @@ class Report:
 
 def write(sweep: spec.Sweep, out_dir: str | None = None) -> Report:
     """Writes the CSV, the Markdown table and the two plots into `<root>/<sweep>/report/`."""
-    metric, rows = collect(sweep)
+    metric, rows, histories = collect(sweep)
     out_dir = out_dir or os.path.join(sweep.root, REPORT_DIR)
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, name) for name in (CSV_FILE, MARKDOWN_FILE, MACS_PLOT, STEPS_PLOT)}
@@ -258,6 +258,5 @@ def write(sweep: spec.Sweep, out_dir: str | None = None) -> Report:
         if seeds:
             f.write(f"\n## Over seeds\n\n{markdown_table(seeds)}")
     macs_series = plot_metric_vs_macs(sweep, rows, metric, paths[MACS_PLOT])
-    histories = {run.name: eval_history(run_files.read_metrics(run.workdir), metric) for run in sweep.runs}
     step_series = plot_metric_vs_step(sweep, histories, metric, paths[STEPS_PLOT])
     return Report(metric, rows, paths, macs_series, step_series)

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from etils import epath
@@ -117,12 +117,14 @@ class _LocalRun:
         return status
 
 
+def _unfinished(sweep: spec.Sweep) -> Iterator[spec.Run]:
+    """The sweep's runs without `finished.json`, in order."""
+    return (run for run in sweep.runs if run_state(run) != "finished")
+
+
 def _final_metric(run: spec.Run) -> str:
-    evals = [r for r in run_files.read_metrics(run.workdir) if any(k.startswith("eval/") for k in r)]
-    if not evals:
-        return ""
-    shown = {k: v for k, v in evals[-1].items() if k.count("/") == 1 and k not in ("eval/count", "eval/seconds")}
-    return ": " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())[:3])
+    shown = run_files.last_eval_metrics(run_files.read_metrics(run.workdir))
+    return ": " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())[:3]) if shown else ""
 
 
 def prepare_datasets(sweep: spec.Sweep, runs: Sequence[spec.Run]) -> None:
@@ -140,7 +142,7 @@ def prepare_datasets(sweep: spec.Sweep, runs: Sequence[spec.Run]) -> None:
 
 def run_local(sweep: spec.Sweep, parallel: int = 1, dry_run: bool = False, out: Printer = say) -> int:
     """Trains the sweep's unfinished runs here, `parallel` at a time; 0 when every run finished."""
-    pending = [run for run in sweep.runs if run_state(run) != "finished"]
+    pending = list(_unfinished(sweep))
     out(summary_line(sweep))
     if dry_run:
         for run in pending:
@@ -209,9 +211,7 @@ def run_slurm(
     from mnv2_jax.launch import slurm
 
     out(summary_line(sweep))
-    for point in sweep.runs:
-        if run_state(point) == "finished":
-            continue
+    for point in _unfinished(sweep):
         record = _read_record(point)
         if record.get("slurm_job") and not dry_run and _slurm_job_active(record["slurm_job"], run):
             out(f"{point.name}: job {record['slurm_job']} is queued or running")
@@ -240,9 +240,7 @@ def run_tpu(
 
     pod = tpu.TpuPod.from_mapping({**sweep.tpu, **options})
     out(summary_line(sweep))
-    for point in sweep.runs:
-        if run_state(point) == "finished":
-            continue
+    for point in _unfinished(sweep):
         commands = tpu.run_commands(pod, spec.train_command(sweep, point), job=f"{sweep.name}.{point.name}")
         status = tpu.execute(commands, dry_run=dry_run, run=run)
         if status:

@@ -51,6 +51,18 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def last_eval_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics of the last evaluation in `records` (`eval/<name>`; not its image count or seconds)."""
+    evals = [r for r in records if any(key.startswith("eval/") for key in r)]
+    if not evals:
+        return {}
+    return {
+        key: value
+        for key, value in evals[-1].items()
+        if key.startswith("eval/") and key.count("/") == 1 and key not in ("eval/count", "eval/seconds")
+    }
+
+
 def write_finished(workdir: str, step: int, train_seconds: float) -> None:
     """Marks `workdir` as trained to its last step (process 0 only)."""
     write_json(epath.Path(workdir) / FINISHED_FILE, {"step": int(step), "train_seconds": round(train_seconds, 3)})

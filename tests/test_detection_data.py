@@ -18,8 +18,10 @@ SIZES = [(48, 64), (40, 40), (56, 44)]  # height, width
 
 
 def write_voc_detection_folder(root, splits=(("train", 16), ("val", 5)), seed=0) -> str:
-    """Grey noisy photos with 1-3 filled rectangles whose colour is their class, VOC XML with 1-based corners; the
-    first training image also holds a degenerate box (left out when read)."""
+    """Grey noisy photos with 1-3 large filled rectangles whose colour is their class (image i's k-th object of class
+    (i + k) mod 3, so an image holds each class at most once), VOC XML with 1-based corners. The first image of each
+    split also holds a difficult object of the next class, the first training image a degenerate box (left out when
+    read)."""
     rng = np.random.default_rng(seed)
     for folder in ("JPEGImages", "Annotations", "ImageSets/Main"):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -28,14 +30,15 @@ def write_voc_detection_folder(root, splits=(("train", 16), ("val", 5)), seed=0)
         for i, example_id in enumerate(ids):
             height, width = SIZES[i % len(SIZES)]
             image = np.clip(128 + rng.normal(0, 15, (height, width, 3)), 0, 255)
+            regular = 1 + i % 3
             objects = []
-            for _ in range(1 + i % 3):
-                label = int(rng.integers(0, len(CLASSES)))
-                h, w = int(rng.integers(height // 4, height // 2)), int(rng.integers(width // 4, width // 2))
+            for k in range(regular + (i == 0)):
+                label = (i + k) % len(CLASSES)
+                h, w = int(rng.integers(height // 2, height * 4 // 5)), int(rng.integers(width // 2, width * 4 // 5))
                 y, x = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))
                 image[y : y + h, x : x + w] = COLOURS[label]
                 box = dict(xmin=x + 1, ymin=y + 1, xmax=x + w, ymax=y + h)  # VOC: 1-based, inclusive
-                objects.append(VOC_OBJECT.format(name=CLASSES[label], difficult=0, **box))
+                objects.append(VOC_OBJECT.format(name=CLASSES[label], difficult=int(k == regular), **box))
             if split == "train" and i == 0:
                 objects.append(VOC_OBJECT.format(name="red", difficult=0, xmin=5, ymin=5, xmax=5, ymax=9))
             Image.fromarray(image.astype(np.uint8)).save(root / "JPEGImages" / f"{example_id}.jpg", quality=95)
@@ -73,6 +76,16 @@ def test_a_voc_detection_folder_checks_its_files_and_classes(tmp_path):
         voc.VocDetectionFolder(str(tmp_path / "ok"))
     with pytest.raises(voc.VocError, match="expected the PASCAL VOC detection layout"):
         voc.VocDetectionFolder(str(tmp_path))
+
+
+def test_a_truncated_annotation_is_a_one_line_error_naming_the_file(tmp_path):
+    write_voc_detection_folder(tmp_path)
+    path = tmp_path / "Annotations" / "val_001.xml"
+    path.write_text(path.read_text()[:-40])
+    with pytest.raises(voc.VocError) as error:
+        voc.VocDetectionFolder(str(tmp_path))
+    message = str(error.value)
+    assert message.startswith(f"{path}: not a well-formed XML annotation (") and len(message.splitlines()) == 1
 
 
 def box_image(height: int, width: int, boxes: np.ndarray) -> np.ndarray:
@@ -145,6 +158,34 @@ def test_training_examples_are_a_function_of_the_seed(tmp_path):
     count = len(example["objects"]["bbox"])
     np.testing.assert_array_equal(evaluated["boxes"][:count], example["objects"]["bbox"])
     assert evaluated["box_mask"].numpy().sum() == count
+
+
+# The first image of a split: one object, then the difficult one (the folder above).
+FIRST_IMAGE_FLAGS = np.array([False, True])
+
+
+def assert_flagged_boxes_are_crowd_regions_only(example, flags: np.ndarray) -> None:
+    """`example`'s objects flagged by `flags` (difficult or crowd) are not in its training targets (the whole image
+    kept, unflipped) and are the crowd regions of its eval example, the others not."""
+    config = base_config()
+    config.task, config.resolution, config.model.num_classes = "detection", 64, 3
+    config.data.keep_image_probability, config.data.flip = 1.0, False
+    task = Detection(config)
+    boxes, labels = example["objects"]["bbox"].numpy(), example["objects"]["label"].numpy()
+    trained = task.train_example(example, tf.constant([1, 2], tf.int64))
+    targets = trained["box_mask"].numpy()
+    np.testing.assert_array_equal(trained["boxes"].numpy()[targets], boxes[~flags])
+    np.testing.assert_array_equal(trained["classes"].numpy()[targets], labels[~flags])
+    evaluated = task.eval_example(example)
+    np.testing.assert_array_equal(evaluated["boxes"].numpy()[evaluated["box_mask"].numpy()], boxes)
+    np.testing.assert_array_equal(evaluated["crowd"].numpy()[evaluated["box_mask"].numpy()], flags)
+
+
+def test_difficult_boxes_are_no_training_targets_and_crowd_regions_in_evaluation(tmp_path):
+    write_voc_detection_folder(tmp_path)
+    example = next(iter(voc.VocDetectionFolder(str(tmp_path)).as_dataset("train")))
+    np.testing.assert_array_equal(example["objects"]["is_difficult"], FIRST_IMAGE_FLAGS)
+    assert_flagged_boxes_are_crowd_regions_only(example, FIRST_IMAGE_FLAGS)
 
 
 def test_more_eval_boxes_than_max_boxes_is_one_line_error_before_any_compile(tmp_path, mnv2):

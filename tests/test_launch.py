@@ -40,6 +40,7 @@ GS_TRAIN = [*TRAIN[:5], "gs://my-bucket/workdirs/imagenet", TRAIN[6]]
 GCLOUD = ["gcloud", "compute", "tpus", "tpu-vm"]
 POD = tpu.TpuPod(name="mnv2-pod", zone="us-central2-b")
 
+# The batch script of `job()` running TRAIN from directory {chdir}.
 EXPECTED_SCRIPT = """\
 #!/bin/bash
 #SBATCH --job-name=imagenet
@@ -49,7 +50,7 @@ EXPECTED_SCRIPT = """\
 #SBATCH --cpus-per-task=12
 #SBATCH --time=24:00:00
 #SBATCH --partition=gpu
-#SBATCH --chdir=/shared/mnv2
+#SBATCH --chdir={chdir}
 #SBATCH --output=slurm_logs/%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --signal=TERM@300
@@ -60,7 +61,7 @@ EXPECTED_SCRIPT = """\
 set -uo pipefail
 # On preemption SLURM may signal this shell too: wait for the tasks to checkpoint instead of dying first.
 trap 'echo "SIGTERM: waiting for the training processes to checkpoint" >&2' TERM
-cd /shared/mnv2
+cd {chdir}
 source .venv/bin/activate
 export MNV2_DISTRIBUTED=1
 srun --kill-on-bad-exit=1 mnv2 train --config configs/imagenet.py --workdir /shared/workdirs/imagenet \
@@ -74,6 +75,11 @@ resumes from the checkpoint" >&2
 fi
 exit "$status"
 """
+# `launch/slurm.py` options of that job, and what its dry run prints after the script.
+SLURM_ARGV = ["--job_name", "imagenet", "--nodes", "2", "--gpus_per_node", "8", "--partition", "gpu", "--time",
+              "24:00:00", "--cpus_per_task", "12", "--setup", "source .venv/bin/activate", "--extra_sbatch=--qos=high",
+              "--chdir", "/shared/mnv2"]  # fmt: skip
+DRY_RUN_PLAN = "# dry run: would write the script above to {script} and run:\nsbatch --parsable {script}\n"
 
 
 def job(**overrides) -> slurm.SlurmJob:
@@ -142,17 +148,14 @@ def detect() -> tuple:
 def test_slurm_dry_run_is_the_exact_script_and_writes_and_submits_nothing(tmp_path, capsys):
     script_path = tmp_path / "scripts" / "imagenet.sbatch"
     text = slurm.submit(job(), TRAIN, "/shared/mnv2", str(script_path), dry_run=True, run=must_not_run)
-    plan = f"# dry run: would write the script above to {script_path} and run:\nsbatch --parsable {script_path}\n"
-    assert text == EXPECTED_SCRIPT + plan
+    expected = EXPECTED_SCRIPT.format(chdir="/shared/mnv2") + DRY_RUN_PLAN.format(script=script_path)
+    assert text == expected
     assert not (tmp_path / "scripts").exists()
 
     # The command line prints the same and submits nothing either.
-    argv = ["--job_name", "imagenet", "--nodes", "2", "--gpus_per_node", "8", "--partition", "gpu", "--time",
-            "24:00:00", "--cpus_per_task", "12", "--setup", "source .venv/bin/activate", "--extra_sbatch=--qos=high",
-            "--chdir", "/shared/mnv2", "--script", str(script_path), "--dry-run", "--", *TRAIN]  # fmt: skip
     with mock.patch.object(subprocess, "run", must_not_run):
-        assert slurm.main(argv) == 0
-    assert capsys.readouterr().out == text
+        assert slurm.main([*SLURM_ARGV, "--script", str(script_path), "--dry-run", "--", *TRAIN]) == 0
+    assert capsys.readouterr().out == expected
     assert not (tmp_path / "scripts").exists()
 
 
@@ -299,7 +302,7 @@ def test_submit_writes_the_script_runs_sbatch_and_returns_the_job_id(tmp_path, m
     monkeypatch.setenv("STUB_DIR", str(tmp_path))
     chdir, script_path = tmp_path / "repo", tmp_path / "a" / "b" / "imagenet.sbatch"
     assert slurm.submit(job(), TRAIN, str(chdir), str(script_path), dry_run=False) == "31337"
-    assert script_path.read_text() == slurm.sbatch_script(job(), TRAIN, str(chdir))
+    assert script_path.read_text() == EXPECTED_SCRIPT.format(chdir=chdir)
     assert (tmp_path / "sbatch.args").read_text().splitlines() == ["--parsable", str(script_path)]
     assert (chdir / "slurm_logs").is_dir()  # sbatch would not create the log's directory
 
@@ -503,24 +506,66 @@ def test_tpu_execute_runs_in_order_and_stops_at_the_first_failure():
     assert tpu.execute([["a"], ["c"]], dry_run=False, run=run) == 0
 
 
+# What `launch/tpu.py ACTION --name mnv2-pod --zone us-central2-b --project my-proj --spot --dry-run` prints, for
+# setup with `--source_dir {source} --package jax==0.10.2 --package jaxlib==0.10.2` and an archive in {tmp}.
+WHERE = "--zone us-central2-b --project my-proj"
+SETUP_REMOTE = (
+    "(python3.11 -c 'import ensurepip' 2>/dev/null || (sudo apt-get update -q && "
+    "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3.11-venv)) && mkdir -p ~/mnv2_jax && "
+    "tar -xzf ~/mnv2_jax.tar.gz -C ~/mnv2_jax && rm ~/mnv2_jax.tar.gz && python3.11 -m venv ~/mnv2_jax/.venv && "
+    "~/mnv2_jax/.venv/bin/pip install -q --upgrade pip && "
+    "~/mnv2_jax/.venv/bin/pip install -q 'jax[tpu]==0.10.2' jaxlib==0.10.2 -e ~/mnv2_jax"
+)
+RUN_REMOTE = (
+    "set -o pipefail; cd ~/mnv2_jax && mkdir -p ~/mnv2_logs && MNV2_DISTRIBUTED=1 .venv/bin/mnv2 train "
+    "--config configs/imagenet.py --workdir gs://my-bucket/workdirs/imagenet "
+    "'--config.model.stage_expansion=(1,4,4,6,6,6,6)' 2>&1 | tee -a ~/mnv2_logs/imagenet.log"
+)
+TPU_DRY_RUNS = {
+    "create": [
+        f"gcloud compute tpus tpu-vm create mnv2-pod {WHERE} --accelerator-type v4-32 --version tpu-ubuntu2204-base "
+        "--spot"
+    ],
+    "setup": [
+        "tar -czf {tmp}/mnv2-pod-mnv2_jax.tar.gz --exclude-vcs --exclude=.venv --exclude=workdirs "
+        "--exclude=slurm_logs --exclude=tpu_logs --exclude=__pycache__ '--exclude=*.egg-info' "
+        "--exclude=.pytest_cache --exclude=.ruff_cache --exclude=build --exclude=.whl -C {source} .",
+        f"gcloud compute tpus tpu-vm scp {{tmp}}/mnv2-pod-mnv2_jax.tar.gz mnv2-pod:mnv2_jax.tar.gz {WHERE} "
+        "--worker=all",
+        f"gcloud compute tpus tpu-vm ssh mnv2-pod {WHERE} --worker=all --command {shlex.quote(SETUP_REMOTE)}",
+    ],
+    "run": [f"gcloud compute tpus tpu-vm ssh mnv2-pod {WHERE} --worker=all --command {shlex.quote(RUN_REMOTE)}"],
+    "logs": [
+        "mkdir -p tpu_logs/imagenet",
+        *[
+            f"gcloud compute tpus tpu-vm scp mnv2-pod:mnv2_logs/imagenet.log tpu_logs/imagenet/worker-{k}.log {WHERE} "
+            f"--worker={k}"
+            for k in range(4)
+        ],
+    ],
+    "stop": [f"gcloud compute tpus tpu-vm stop mnv2-pod {WHERE}"],
+    "delete": [f"gcloud compute tpus tpu-vm delete mnv2-pod {WHERE} --quiet"],
+}
+
+
 def test_tpu_dry_run_prints_each_command_and_runs_nothing(tmp_path, monkeypatch, capsys):
     for program in ("gcloud", "tar", "mkdir"):  # if anything ran, it would leave a mark
         stub(tmp_path / "bin", program, f'touch "{tmp_path}/ran-{program}"\n')
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    pod = tpu.TpuPod(name="mnv2-pod", zone="us-central2-b", project="my-proj", spot=True)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "pyproject.toml").write_text("[project]\ndependencies = ['jax>=0.10']\n")
     base = ["--name", "mnv2-pod", "--zone", "us-central2-b", "--project", "my-proj", "--spot", "--dry-run"]
-    cases = {
-        "create": ([], tpu.create_commands(pod)),
-        "setup": (["--source_dir", str(REPO)], tpu.setup_commands(pod, str(REPO))),
-        "run": (["--", *GS_TRAIN], tpu.run_commands(pod, GS_TRAIN, job="imagenet")),
-        "logs": (["--job", "imagenet", "--workers", "4"], tpu.logs_commands(pod, "imagenet", 4, "tpu_logs")),
-        "stop": ([], tpu.stop_commands(pod)),
-        "delete": ([], tpu.delete_commands(pod)),
+    extra = {
+        "setup": ["--source_dir", str(source), "--package", "jax==0.10.2", "--package", "jaxlib==0.10.2"],
+        "run": ["--", *GS_TRAIN],
+        "logs": ["--job", "imagenet", "--workers", "4"],
     }
-    for action, (extra, commands) in cases.items():
-        assert tpu.main([action, *base, *extra]) == 0
-        assert capsys.readouterr().out == "".join(shlex.join(c) + "\n" for c in commands), action
+    for action, lines in TPU_DRY_RUNS.items():
+        assert tpu.main([action, *base, *extra.get(action, [])]) == 0
+        expected = "".join(line.format(tmp=tmp_path, source=source) + "\n" for line in lines)
+        assert capsys.readouterr().out == expected, action
     assert not list(tmp_path.glob("ran-*"))
 
 
@@ -579,13 +624,12 @@ def test_scripts_run_from_the_repository_root():
     def launch(*argv: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=60)
 
-    done = launch("launch/slurm.py", "--job_name", "j", "--nodes", "2", "--dry-run", "--", *TRAIN)
+    done = launch("launch/slurm.py", *SLURM_ARGV, "--dry-run", "--", *TRAIN)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == slurm.submit(
-        slurm.SlurmJob(job_name="j", nodes=2), TRAIN, str(REPO), str(REPO / "slurm_logs" / "j.sbatch"), dry_run=True
-    )
+    script = "/shared/mnv2/slurm_logs/imagenet.sbatch"  # the default: <chdir>/<log_dir>/<job_name>.sbatch
+    assert done.stdout == EXPECTED_SCRIPT.format(chdir="/shared/mnv2") + DRY_RUN_PLAN.format(script=script)
     done = launch("launch/tpu.py", "stop", "--name", "mnv2-pod", "--zone", "us-central2-b", "--dry-run")
-    assert (done.returncode, done.stdout) == (0, shlex.join(tpu.stop_commands(POD)[0]) + "\n")
+    assert (done.returncode, done.stdout) == (0, "gcloud compute tpus tpu-vm stop mnv2-pod --zone us-central2-b\n")
     done = launch("launch/slurm.py", "--job_name", "j", "--processes", "per_core", "--", *TRAIN)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr == "launch/slurm.py: error: processes must be one of per_gpu, per_node, got 'per_core'\n"

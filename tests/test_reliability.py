@@ -11,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from configs_loader import load
 from conftest import REPO, WITHOUT_COMPILATION_CACHE, mnv2_command, xla_flags
@@ -252,6 +253,27 @@ def test_bad_input_is_one_line_before_any_compile_or_write(mnv2, tmp_path, monke
         assert f"workdir {workdir} is not writable" in err  # names the workdir (nothing could be written under it)
     else:
         assert not workdir.exists()
+
+
+def test_init_from_without_a_checkpoint_is_one_line_before_the_dataset_is_opened(mnv2, tmp_path, monkeypatch):
+    """A missing or empty `init_from` fails before the dataset is opened; a run that resumes does not read it."""
+
+    def open_nothing(config):
+        raise AssertionError("the dataset was opened")
+
+    monkeypatch.setattr(train, "open_dataset", open_nothing)
+    (tmp_path / "empty").mkdir()
+    workdir = tmp_path / "run"
+    for source in (tmp_path / "nonexistent" / "run", tmp_path / "empty"):
+        args = small_run_config_args(f"imagefolder:{tmp_path / 'no_dataset'}", init_from=str(source))
+        status, _, err = mnv2("train", "--workdir", workdir, *args)
+        assert status == 2 and f"error: init_from='{source}' holds no checkpoint (no step in {source}" in err, err
+        assert "Traceback" not in err and len([line for line in err.splitlines() if "error:" in line]) == 1
+        assert not workdir.exists() and not (tmp_path / "nonexistent").exists()
+    with checkpoint.manager(str(workdir), items=("params",)) as mngr:
+        mngr.save(1, args=ocp.args.Composite(params=ocp.args.StandardSave({"w": np.zeros(2)})))
+    with pytest.raises(AssertionError, match="the dataset was opened"):
+        mnv2("train", "--workdir", workdir, *args)
 
 
 @pytest.mark.slow

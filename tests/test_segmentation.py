@@ -207,6 +207,44 @@ def test_mean_iou_from_the_sharded_confusion_matrix_equals_scikit_learn(devices,
     assert result["pixel_accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), rel=1e-12)
 
 
+def test_class_ids_outside_the_classes_count_in_no_loss_or_metric():
+    """Ids >= `num_classes` (but the ignore label) and below 0 (a stored 0 shifted by `mask_label_offset=-1`) among
+    the labels: the training loss, the eval loss, pixel count and confusion matrix are those of the valid pixels
+    alone, computed here with NumPy."""
+    from mnv2_jax import tasks
+    from mnv2_jax.tasks.segmentation import IGNORE_LABEL, scores
+
+    config = load("configs/deeplab_voc.py")
+    config.model.num_classes = classes = 4
+    task = tasks.get(config)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, classes, (6, 5, 7)).astype(np.int32)
+    outside = rng.random(labels.shape) < 0.3
+    labels[outside] = rng.choice([-1, classes, classes + 1, IGNORE_LABEL - 1], outside.sum())
+    labels[rng.random(labels.shape) < 0.1] = IGNORE_LABEL
+    logits = (3 * rng.normal(size=(*labels.shape, classes))).astype(np.float32)
+    mask = np.array([1, 1, 1, 1, 0, 0], np.int32)
+    valid = (labels >= 0) & (labels < classes)
+    log_probabilities = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    pixel_loss = -np.take_along_axis(log_probabilities, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+    predictions = logits.argmax(axis=-1)
+    assert set(np.unique(labels[:4][~valid[:4]])) == {-1, 4, 5, 254, IGNORE_LABEL}  # in the unpadded examples
+
+    loss, train_metrics = task.loss(jnp.asarray(logits), {"label": jnp.asarray(labels)})
+    assert float(loss) == pytest.approx(pixel_loss[valid].mean(), rel=1e-5)
+    assert float(train_metrics["train/pixel_accuracy"]) == pytest.approx(np.mean(predictions[valid] == labels[valid]))
+
+    sums = task.eval_sums(jnp.asarray(logits), {"label": jnp.asarray(labels), "mask": jnp.asarray(mask)})
+    counted = valid & mask.astype(bool)[:, None, None]
+    confusion = np.zeros((classes, classes), np.int64)
+    np.add.at(confusion, (labels[counted], predictions[counted]), 1)
+    assert int(sums["pixels"]) == counted.sum()
+    assert float(sums["loss"]) == pytest.approx(pixel_loss[counted].sum(), rel=1e-5)
+    np.testing.assert_array_equal(sums["confusion"], confusion)
+    results = task.eval_results({name: np.asarray(value) for name, value in sums.items()})
+    assert results["eval/mIoU"] == scores(confusion)["mIoU"] and results["eval/pixels"] == counted.sum()
+
+
 DEEPLAB_MODELS = {1.0: "coral/deeplabv3_mnv2_pascal_quant.tflite", 0.5: "coral/deeplabv3_mnv2_dm05_pascal_quant.tflite"}
 
 

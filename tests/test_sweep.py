@@ -5,7 +5,9 @@ import fcntl
 import json
 import os
 import pathlib
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -78,10 +80,12 @@ def test_a_sweep_file_expands_into_stably_named_runs_with_their_overrides(tmp_pa
         ('{"config": "configs/quickstart.py"}', "needs 'variants', a 'grid' or 'seeds'"),
         ('{"config": "configs/quickstart.py", "grid": {"model.widht": [0.5]}}', "run widht=0.5: unknown config field"),
         ('{"config": "configs/quickstart.py", "grid": {"model.residual": ["skip"]}}', "model.residual must be one of"),
+        ('{"config": "configs/quickstart.py", "grid": {}', "bad.py, line 2: SyntaxError: '{' was never closed"),
+        ('{"config": QUICKSTART}', "bad.py, line 2: NameError: name 'QUICKSTART' is not defined"),
     ],
 )
 def test_bad_sweep_files_are_one_line_errors_before_anything_runs(tmp_path, mnv2, body, message):
-    path = write_sweep(tmp_path / "bad.py", body)
+    path = os.path.relpath(write_sweep(tmp_path / "bad.py", body))  # as typed, relative to the working directory
     status, _, err = mnv2("sweep", path, "--root", tmp_path / "root")
     assert status == 2
     assert message in err and len(err.strip().splitlines()) == 1, err
@@ -152,6 +156,88 @@ def eval_records(workdir, metric):
     return [(r["step"], r[metric]) for r in records if metric in r]
 
 
+def read_records(workdir) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    return [json.loads(line) for line in read(path).splitlines()] if os.path.exists(path) else []
+
+
+def expected_row(run: spec.Run, batch_size: int, size: dict) -> dict:
+    """A run's report row computed from its own files: swept values, state, last step, `size` (params, macs), the
+    final and best eval/top1 and the best one's step, the last evaluation's other metrics (not its image count or
+    seconds), `finished.json`'s seconds and the median steps/s of the progress reports x the batch size."""
+    records = read_records(run.workdir)
+    evals = [r for r in records if "eval/top1" in r]
+    last, best = (evals[-1], max(evals, key=lambda r: r["eval/top1"])) if evals else ({}, {})
+    finished = os.path.join(run.workdir, "finished.json")
+    rates = [r["steps_per_sec"] for r in records if "steps_per_sec" in r]
+    return {
+        "run": run.name,
+        **run.params,
+        "state": "finished" if os.path.exists(finished) else "started" if os.path.isdir(run.workdir) else "new",
+        "step": max((r["step"] for r in records if "step" in r), default=0),
+        **size,
+        "final eval/top1": last.get("eval/top1"),
+        "best eval/top1": best.get("eval/top1"),
+        "best step": best.get("step"),
+        "final eval/loss": last.get("eval/loss"),
+        "final eval/top5": last.get("eval/top5"),
+        "wall seconds": json.loads(read(finished))["train_seconds"] if os.path.exists(finished) else None,
+        "train images/s": statistics.median(rates) * batch_size if rates else None,
+    }
+
+
+def summary_size(mnv2, sweep: spec.Sweep, run: spec.Run) -> dict:
+    """Parameters and multiply-adds of a run's model by `mnv2 summary --json` (with the class count the run read from
+    its dataset, from its `config.json`)."""
+    num_classes = json.loads(read(os.path.join(run.workdir, "config.json")))["model"]["num_classes"]
+    arguments = [*spec.config_arguments(run), f"--config.model.num_classes={num_classes}"]
+    status, out, err = mnv2("summary", "--config", sweep.config, *arguments, "--json")
+    assert status == 0, err
+    counted = json.loads(out)
+    return {"params": counted["params"], "macs": counted["macs"]}
+
+
+def markdown_cell(column: str, value) -> str:
+    """The report's Markdown: multiply-adds and parameters in millions, seconds and images/s whole, metrics to 4
+    decimals, empty for no value."""
+    if value is None:
+        return ""
+    if column in ("macs", "params"):
+        return f"{value / 1e6:.1f}M" if column == "macs" else f"{value / 1e6:.3f}M"
+    if column in ("wall seconds", "train images/s"):
+        return f"{value:.0f}"
+    return f"{value:.4f}" if column.startswith(("final ", "best ")) and isinstance(value, float) else str(value)
+
+
+def markdown_rows(text: str) -> dict[str, dict[str, str]]:
+    """The first table of a Markdown file: run name -> {column: cell}."""
+    lines = [line for line in text.split("\n\n## ")[0].splitlines() if line.startswith("|")]
+    header, *rows = [[cell.strip() for cell in line[1:-1].split("|")] for line in lines]
+    return {cells[0]: dict(zip(header, cells, strict=True)) for cells in rows[1:]}
+
+
+def csv_value(cell: str):
+    """A CSV cell's value: None when empty, a number where it is one, else the text."""
+    if cell == "":
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
+
+
+def assert_report_is(written: report.Report, expected: list[dict]) -> None:
+    """The CSV's columns and rows are `expected`'s, and each run's own Markdown row holds, cell by cell, its values."""
+    with open(written.paths[report.CSV_FILE]) as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == list(expected[0])
+        assert [{column: csv_value(cell) for column, cell in row.items()} for row in reader] == expected
+    table = markdown_rows(read(written.paths[report.MARKDOWN_FILE]))
+    assert list(table) == [values["run"] for values in expected]
+    for values in expected:
+        assert table[values["run"]] == {column: markdown_cell(column, value) for column, value in values.items()}
+
+
 def wait_for(predicate, timeout_s=300.0):
     deadline = time.time() + timeout_s
     while not predicate():
@@ -187,7 +273,7 @@ def hparams_of(tensorboard_dir) -> dict:
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_reruns_only_what_was_missing_and_its_report_equals_the_runs_metrics(tmp_path, folder):
+def test_a_killed_sweep_reruns_only_what_was_missing_and_its_report_equals_the_runs_metrics(tmp_path, folder, mnv2):
     """Must-show of issue 18: a 2 expansions x 2 widths sweep of the quickstart config, shortened by overrides, killed
     while its second run trains; the same command then skips the finished run, resumes the interrupted one and trains
     the rest; `--report` writes the CSV, the table and the plots with the values of the runs' `metrics.jsonl`."""
@@ -238,35 +324,21 @@ def test_a_killed_sweep_reruns_only_what_was_missing_and_its_report_equals_the_r
     second_log = read(log)
     assert "resumed from" in second_log and second_log.count("training steps") == 2
     assert all(os.path.exists(os.path.join(run.workdir, "finished.json")) for run in sweep.runs)
-
-    from mnv2_jax import config as config_lib
-    from mnv2_jax.models import build
-    from mnv2_jax.models.complexity import summarize
+    for run in sweep.runs[1:]:  # the line of each run it trained shows the report's metric of its last evaluation
+        records = [json.loads(line) for line in read(os.path.join(run.workdir, "metrics.jsonl")).splitlines()]
+        top1 = [record["eval/top1"] for record in records if "eval/top1" in record][-1]
+        assert re.search(rf"finished {re.escape(run.name)} in \d+ s: eval/top1={top1:.4f}\n", rerun.stdout)
 
     written = report.write(sweep)
     assert written.metric == "eval/top1"
-    with open(written.paths[report.CSV_FILE]) as f:
-        rows = list(csv.DictReader(f))
-    table = read(written.paths[report.MARKDOWN_FILE])
-    assert [row["run"] for row in rows] == [run.name for run in sweep.runs]
-    for row, run in zip(rows, sweep.runs, strict=True):
+    expected = [expected_row(run, short["batch_size"], summary_size(mnv2, sweep, run)) for run in sweep.runs]
+    assert_report_is(written, expected)
+    for values, run in zip(expected, sweep.runs, strict=True):
         history = eval_records(run.workdir, "eval/top1")
-        assert len(history) == 3
-        assert float(row["final eval/top1"]) == history[-1][1]
-        assert float(row["best eval/top1"]) == max(v for _, v in history)
-        assert float(row["final eval/loss"]) == eval_records(run.workdir, "eval/loss")[-1][1]
-        assert int(row["step"]) == 6 and row["state"] == "finished"
-        assert (float(row["model.expansion"]), float(row["model.width"])) == (
-            run.params["model.expansion"],
-            run.params["model.width"],
-        )
-        config = config_lib.from_dict(json.loads(read(os.path.join(run.workdir, "config.json"))))
-        assert config.model.expansion == run.params["model.expansion"]
-        counted = summarize(build(config), config.resolution)
-        assert (int(row["params"]), int(row["macs"])) == (counted["params"], counted["macs"])
-        finished = json.loads(read(os.path.join(run.workdir, "finished.json")))
-        assert float(row["wall seconds"]) == finished["train_seconds"] > 0
-        assert f"| {run.name} |" in table and f"{history[-1][1]:.4f}" in table
+        assert len(history) == 3 and (values["step"], values["state"]) == (6, "finished")
+        assert values["wall seconds"] > 0 and values["train images/s"] > 0
+        saved = json.loads(read(os.path.join(run.workdir, "config.json")))
+        assert saved["model"]["expansion"] == run.params["model.expansion"]
         assert written.step_series[run.name] == ([s for s, _ in history], [v for _, v in history])
         # TensorBoard gets every field as an hparam, nested ones included.
         hparams = hparams_of(os.path.join(run.workdir, "tensorboard"))
@@ -277,14 +349,74 @@ def test_a_killed_sweep_reruns_only_what_was_missing_and_its_report_equals_the_r
     assert set(written.macs_series) == {"expansion=2", "expansion=4"}
     for expansion, (xs, ys) in written.macs_series.items():
         members = sorted(
-            (r for r in rows if f"expansion={float(r['model.expansion']):g}" == expansion), key=lambda r: int(r["macs"])
+            (r for r in expected if f"expansion={r['model.expansion']}" == expansion), key=lambda r: r["macs"]
         )
-        assert xs == [int(r["macs"]) / 1e6 for r in members] and xs == sorted(xs)
-        assert ys == [float(r["final eval/top1"]) for r in members]
+        assert xs == [r["macs"] / 1e6 for r in members] and xs == sorted(xs)
+        assert ys == [r["final eval/top1"] for r in members]
     from matplotlib import image
 
     for plot in (report.MACS_PLOT, report.STEPS_PLOT):
         assert image.imread(written.paths[plot]).shape[2] in (3, 4)
+
+
+def write_records(workdir, records) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    pathlib.Path(workdir, "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def evaluation(step: int, top1: float, top5: float, loss: float) -> dict:
+    """An evaluation's record, with the image count and seconds that the report leaves out."""
+    left_out = {"eval/count": 13.0, "eval/seconds": 2.5}
+    return {"step": step, "eval/top1": top1, "eval/top5": top5, "eval/loss": loss, **left_out}
+
+
+def test_every_report_column_is_each_runs_own_value(tmp_path):
+    """Three runs at resolutions 96, 128 and 160 of the released MobileNetV2 1.0, their files written here: finished,
+    started and new. Multiply-adds come from the paper's per-block formula; images/s is the median, not the mean, of
+    the progress reports' steps/s (odd and even counts) times the batch size; the best step is not the last one."""
+    path = write_sweep(
+        tmp_path / "res.py",
+        '{"config": "configs/imagenet.py", "overrides": {"batch_size": 8}, "grid": {"resolution": [96, 128, 160]}}',
+    )
+    sweep = spec.load(path, str(tmp_path / "root"))
+    finished, started, _ = sweep.runs
+    from test_architecture import table1_macs
+
+    from mnv2_jax import config as config_lib
+    from mnv2_jax.cli import common
+
+    for run in (finished, started):
+        config = common.config_from_spec(sweep.config, *spec.config_arguments(run))
+        os.makedirs(run.workdir)
+        pathlib.Path(run.workdir, "config.json").write_text(json.dumps(config_lib.to_dict(config)))
+    write_records(finished.workdir, [
+        {"hparams": {"batch_size": 8}},
+        {"step": 10, "train/loss": 2.0}, {"step": 10, "steps_per_sec": 2.0}, evaluation(10, 0.5, 0.75, 1.5),
+        {"step": 20, "steps_per_sec": 10.0}, evaluation(20, 0.625, 0.8125, 1.375),
+        {"step": 30, "steps_per_sec": 3.0}, {"step": 30, "uptime": 9.0}, evaluation(30, 0.5625, 0.875, 1.25),
+    ])  # fmt: skip
+    pathlib.Path(finished.workdir, "finished.json").write_text('{"step": 30, "train_seconds": 12.5}')
+    write_records(started.workdir, [
+        {"step": 5, "steps_per_sec": 4.0}, {"step": 10, "steps_per_sec": 1.0}, evaluation(10, 0.25, 0.5, 2.0),
+        {"step": 15, "steps_per_sec": 2.0}, {"step": 20, "steps_per_sec": 8.0},
+    ])  # fmt: skip
+
+    written = report.write(sweep)
+    params = 3_504_872  # torchvision's count of MobileNetV2 1.0 with 1000 classes (tests/test_architecture.py)
+    sizes = [{"params": params, "macs": sum(table1_macs(1.0, r, num_classes=1000).values())} for r in (96, 128)]
+    sizes.append({"params": None, "macs": None})
+    assert_report_is(written, [expected_row(run, 8, size) for run, size in zip(sweep.runs, sizes, strict=True)])
+    best_steps_and_rates = [(row["best step"], row["train images/s"]) for row in written.rows]
+    assert best_steps_and_rates == [(20, 3 * 8), (10, 3 * 8), (None, None)]  # medians of 2, 10, 3 and of 4, 1, 2, 8
+    assert markdown_rows(read(written.paths[report.MARKDOWN_FILE]))[finished.name] == dict(
+        zip(
+            ["run", "resolution", "state", "step", "params", "macs", "final eval/top1", "best eval/top1", "best step",
+             "final eval/loss", "final eval/top5", "wall seconds", "train images/s"],
+            ["resolution=96", "96", "finished", "30", "3.505M", "56.3M", "0.5625", "0.6250", "20", "1.2500", "0.8750",
+             "12", "24"],
+            strict=True,
+        )
+    )  # fmt: skip
 
 
 STUB_TRAINER = """#!/usr/bin/env python3

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from etils import epath
-from test_detection_data import CLASSES, write_voc_detection_folder
+from test_detection_data import (
+    CLASSES,
+    FIRST_IMAGE_FLAGS,
+    assert_flagged_boxes_are_crowd_regions_only,
+    write_voc_detection_folder,
+)
 
 from mnv2_jax.config import base_config
 from mnv2_jax.data import pipeline, voc
@@ -19,7 +24,8 @@ SPLITS = (("train", 6), ("val", 5))
 
 
 class Mnv2TestVocBoxes(tfds.core.GeneratorBasedBuilder):
-    """The photos and boxes of the VOC folder at `voc_root` (set before preparing), with COCO's object features."""
+    """The photos and boxes of the VOC folder at `voc_root` (set before preparing), with COCO's object features
+    (its difficult objects are `is_crowd`)."""
 
     VERSION = tfds.core.Version("1.0.0")
     pkg_dir_path = epath.Path(__file__).parent  # TFDS reads metadata files there (a test module is no package)
@@ -86,3 +92,11 @@ def test_a_tfds_detection_dataset_gives_the_batches_of_the_same_voc_folder(data)
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_allclose(a[key], b[key], atol=1e-6, err_msg=key)  # boxes stored as float32 by both
+
+
+def test_crowd_boxes_are_no_training_targets_and_crowd_regions_in_evaluation(data):
+    _, data_dir = data
+    builder = tfds.builder(NAME, data_dir=data_dir)
+    example = next(iter(builder.as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()})))
+    np.testing.assert_array_equal(example["objects"]["is_crowd"], FIRST_IMAGE_FLAGS)
+    assert_flagged_boxes_are_crowd_regions_only(example, FIRST_IMAGE_FLAGS)

@@ -4,10 +4,12 @@ evaluated once, and one-line errors, before anything is compiled or downloaded, 
 
 import itertools
 import pathlib
+import re
 from typing import ClassVar
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
@@ -76,6 +78,24 @@ def data(tmp_path_factory):
     Mnv2TestVocPairs.voc_root = root
     for name in ("ids", "shifted"):
         tfds.builder(f"{NAME}/{name}", data_dir=str(data_dir)).download_and_prepare()
+    return root, str(data_dir)
+
+
+MISMATCHED = ("train_001", "val_002")  # their masks halved: 14x18 for a 28x36 photo, 12x12 for 24x24
+
+
+@pytest.fixture(scope="module")
+def mismatched(tmp_path_factory):
+    """(voc root, TFDS data dir) as `data`'s, but masks `MISMATCHED` are half their photo's size (palette kept)."""
+    root = tmp_path_factory.mktemp("mismatched")
+    write_voc_folder(root, SPLITS)
+    for example_id in MISMATCHED:
+        path = root / "SegmentationClass" / f"{example_id}.png"
+        mask = Image.open(path)
+        mask.resize((mask.width // 2, mask.height // 2), Image.NEAREST).save(path)
+    data_dir = tmp_path_factory.mktemp("tfds_mismatched")
+    Mnv2TestVocPairs.voc_root = root
+    tfds.builder(f"{NAME}/ids", data_dir=str(data_dir)).download_and_prepare()
     return root, str(data_dir)
 
 
@@ -194,10 +214,16 @@ def test_eval_on_a_tfds_dataset_counts_every_labelled_pixel_once(data, process_c
         ),
         (f"{NAME}/ids", "--config.data.mask_label_offset=256", "data.mask_label_offset must be an int in [-255, 255]"),
         (f"{NAME}/ids", "--config.data.mask_feature=", "data.mask_feature must be the name of a dataset feature"),
+        (
+            "voc:{mismatched}",
+            None,
+            "masks must have their image's size: {mismatched}/SegmentationClass/train_001.png is 14x18 (its image "
+            "28x36), {mismatched}/SegmentationClass/val_002.png is 12x12 (its image 24x24)",
+        ),
     ],
 )
 def test_bad_segmentation_data_is_one_line_before_any_compile(
-    mnv2, data, tmp_path, monkeypatch, dataset, override, message
+    mnv2, data, mismatched, tmp_path, monkeypatch, dataset, override, message
 ):
     def compile_nothing(*args, **kwargs):
         raise AssertionError("the trainer was built before the data was checked")
@@ -205,10 +231,11 @@ def test_bad_segmentation_data_is_one_line_before_any_compile(
     monkeypatch.setattr(train, "build_trainer", compile_nothing)
     root, data_dir = data
     workdir = tmp_path / "run"
+    dataset, message = (text.format(root=root, mismatched=mismatched[0]) for text in (dataset, message))
     args = [
         "--config",
         "configs/deeplab_voc.py:width=0.35",
-        f"--config.dataset={dataset.format(root=root)}",
+        f"--config.dataset={dataset}",
         f"--config.data_dir={tmp_path / 'empty' if dataset == 'voc/2012' else data_dir}",
         "--config.train_split=train",
         "--config.eval_split=val",
@@ -218,6 +245,16 @@ def test_bad_segmentation_data_is_one_line_before_any_compile(
     assert status == 2 and message in err, err[-2000:]
     assert "Traceback" not in err and len([line for line in err.splitlines() if "error:" in line]) == 1, err
     assert not workdir.exists() and not (tmp_path / "empty" / "voc").exists()  # nothing written nor downloaded
+
+
+@pytest.mark.parametrize("mask_feature", ["segmentation_mask", "mask_tensor"])
+def test_a_tfds_mask_of_another_size_stops_the_pipeline_naming_the_feature(mismatched, mask_feature):
+    """Not scaled to its photo: training and evaluation stop at the pair (a VOC folder's are refused when opened)."""
+    config = segmentation_config(f"{NAME}/ids", mismatched[1], mask_feature=mask_feature)
+    message = f"dataset {NAME}/ids: data.mask_feature={mask_feature} holds a mask of another size than its image"
+    for batches in (train_batches, eval_batches):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
+            batches(config)
 
 
 def test_a_mask_feature_must_hold_class_ids():

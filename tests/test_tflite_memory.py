@@ -8,6 +8,7 @@ from train_helpers import tiny_config
 
 from mnv2_jax.export import routes
 from mnv2_jax.export.tflite_memory import activation_arena
+from mnv2_jax.models import memory
 from mnv2_jax.models.complexity import layer_rows
 
 KIB = 1024
@@ -64,6 +65,8 @@ def test_a_convolutions_im2col_buffer_is_arena_scratch(tmp_path):
 
 @pytest.mark.slow
 def test_mobilenet_v2_arena_holds_the_networks_activations(tmp_path):
+    """The exported network's tensors are the layer table's, and TFLite's arena is our naive peak plus the input
+    image (which TFLite keeps for the whole run), to the byte."""
     require("ai_edge_litert")
     config = tiny_config()  # width 0.35, 32x32, 10 classes, 8 blocks
     model = routes.export_model(config)
@@ -84,3 +87,8 @@ def test_mobilenet_v2_arena_holds_the_networks_activations(tmp_path):
     for row in rows:  # every conv's, depthwise conv's and the dense layer's output
         assert [1, *row.output_shape] in shapes, row.name
     assert max(t["offset"] + t["bytes"] for t in tensors + arena["scratch"]) == arena["arena_bytes"]
+    # The naive peak is layer_3: the first block's 16x16x8 output expanded to 16x16x48, and its stride-2 depthwise
+    # output 8x8x48. At float32, plus the 32x32x3 image.
+    naive_peak = memory.activation_memory(model, r, 1)["naive_peak"]
+    assert naive_peak == {"elements": 16 * 16 * 48 + 8 * 8 * 48, "layer": "layer_3"}
+    assert arena["arena_bytes"] == (16 * 16 * 48 + 8 * 8 * 48) * 4 + 32 * 32 * 3 * 4 == 73_728

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from mnv2_jax.data import voc
+from mnv2_jax.data import preprocessing, voc
 
 MEAN_PIXEL = 127.5  # DeepLab pads images with the mean pixel value
 
@@ -22,6 +22,20 @@ def decode_mask(mask: tf.Tensor) -> tf.Tensor:
     return mask if mask.dtype == tf.uint8 else tf.cast(mask, tf.int32)
 
 
+def decode_pair(example: dict[str, tf.Tensor], dataset: str, mask_feature: str) -> tuple[tf.Tensor, tf.Tensor]:
+    """An example's photo (uint8 HWC) and mask (`decode_mask`); a mask whose height and width are not the photo's
+    fails the pipeline with an error naming `dataset` and `mask_feature` (a VOC folder's are checked when opened)."""
+    image = preprocessing.decode_image(example["image"])
+    mask = decode_mask(example["segmentation_mask"])
+    tf.debugging.assert_equal(
+        tf.shape(mask),
+        tf.shape(image)[:2],
+        message=f"dataset {dataset}: data.mask_feature={mask_feature} holds a mask of another size than its image "
+        "(x: the mask, y: the image, as height and width)",
+    )
+    return image, mask
+
+
 def offset_labels(labels: tf.Tensor, offset: int, ignore_label: int) -> tf.Tensor:
     """`labels + offset`, except where the label is `ignore_label` (kept)."""
     if not offset:
@@ -30,6 +44,7 @@ def offset_labels(labels: tf.Tensor, offset: int, ignore_label: int) -> tf.Tenso
 
 
 def _resize_pair(image: tf.Tensor, mask: tf.Tensor, height: tf.Tensor, width: tf.Tensor):
+    """Image (bilinear) and mask (nearest) of the same size (`decode_pair`) scaled together to (height, width)."""
     size = tf.stack([height, width])
     image = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear")
     mask = tf.image.resize(mask[..., None], size, method="nearest")[..., 0]

@@ -1,8 +1,8 @@
 """`voc:<root>` datasets in PASCAL VOC's layout, checked when opened: segmentation or detection.
 
     root/JPEGImages/<id>.jpg                     the photos
-    root/SegmentationClass/<id>.png              segmentation: one class id per pixel (8-bit grey or palette PNG;
-                                                 255 = ignore)
+    root/SegmentationClass/<id>.png              segmentation: one class id per pixel (8-bit grey or palette PNG
+                                                 of the photo's size; 255 = ignore)
     root/ImageSets/Segmentation/<split>.txt      segmentation: one id per line
     root/Annotations/<id>.xml                    detection: the image's objects (`name`, `bndbox`, `difficult`)
     root/ImageSets/Main/<split>.txt              detection: one id per line
@@ -62,16 +62,8 @@ class VocSegmentationFolder:
                     self._ids[name[:-4]] = [line.split()[0] for line in f if line.strip()]
         missing = [p for ids in self._ids.values() for i in ids for p in self._paths(i) if not os.path.exists(p)]
         if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise VocError(f"dataset {self.name!r} lists files that do not exist: {', '.join(missing[:3])}{more}")
-        first = next((ids[0] for ids in self._ids.values() if ids), None)
-        if first is not None:
-            mode = Image.open(self._paths(first)[1]).mode
-            if mode not in MASK_MODES:
-                raise VocError(
-                    f"dataset {self.name!r}: masks must be 8-bit class-id PNGs (mode {' or '.join(MASK_MODES)}), "
-                    f"{self._paths(first)[1]} has mode {mode}"
-                )
+            raise VocError(f"dataset {self.name!r} lists files that do not exist: {_first_few(missing)}")
+        self._check_masks()
         self.info = Info({split: SplitInfo(len(ids)) for split, ids in self._ids.items()})
         self.skipped: dict[str, list[str]] = {}
 
@@ -81,12 +73,38 @@ class VocSegmentationFolder:
             os.path.join(self.root, "SegmentationClass", f"{example_id}.png"),
         )
 
+    def _check_masks(self) -> None:
+        """Every mask is an 8-bit class-id PNG of its photo's size (both read from the files' headers only)."""
+        mismatched = []
+        for example_id in dict.fromkeys(i for ids in self._ids.values() for i in ids):
+            image_path, mask_path = self._paths(example_id)
+            with Image.open(image_path) as image, Image.open(mask_path) as mask:
+                if mask.mode not in MASK_MODES:
+                    raise VocError(
+                        f"dataset {self.name!r}: masks must be 8-bit class-id PNGs (mode {' or '.join(MASK_MODES)}), "
+                        f"{mask_path} has mode {mask.mode}"
+                    )
+                if mask.size != image.size:
+                    mismatched.append(f"{mask_path} is {_size(mask)} (its image {_size(image)})")
+        if mismatched:
+            raise VocError(f"dataset {self.name!r}: masks must have their image's size: {_first_few(mismatched)}")
+
     def as_dataset(self, split: str, shuffle_files: bool = False, decoders=None) -> tf.data.Dataset:
         """The split's examples in file order: `{'image': JPEG bytes, 'segmentation_mask': PNG bytes}` (undecoded,
         as TFDS gives them with `SkipDecoding`; the arguments are TFDS's, for one call site)."""
         images, masks = zip(*(self._paths(i) for i in self._ids[split]), strict=True) if self._ids[split] else ((), ())
         ds = tf.data.Dataset.from_tensor_slices({"image": list(images), "segmentation_mask": list(masks)})
         return ds.map(lambda paths: {k: tf.io.read_file(v) for k, v in paths.items()})
+
+
+def _first_few(items: list[str], shown: int = 3) -> str:
+    """The first `shown` items, comma-separated, and how many more there are."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+def _size(image: Image.Image) -> str:
+    return f"{image.width}x{image.height}"
 
 
 def _mask_values(encoded: bytes) -> np.ndarray:
@@ -124,12 +142,19 @@ def _split_ids(folder: str) -> dict[str, list[str]]:
     return splits
 
 
+def _parse_xml(path: str) -> ET.Element:
+    try:
+        return ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise VocError(f"{path}: not a well-formed XML annotation ({e})") from None
+
+
 def read_annotation(path: str, image_size: tuple[int, int]) -> tuple[list[str], np.ndarray, np.ndarray, int]:
     """A VOC XML's object names, normalised boxes `[n, 4]` and difficult flags, for an image of `image_size`
     (height, width) pixels, and the number of degenerate boxes (no area inside the image) left out."""
     height, width = image_size
     names, boxes, difficult, dropped = [], [], [], 0
-    for obj in ET.parse(path).getroot().iter("object"):
+    for obj in _parse_xml(path).iter("object"):
         box = obj.find("bndbox")
         if box is None:
             raise VocError(f"{path}: an <object> without <bndbox>")
@@ -172,8 +197,7 @@ class VocDetectionFolder:
         paths = {i: self._paths(i) for ids in self._ids.values() for i in ids}
         missing = [p for pair in paths.values() for p in pair if not os.path.exists(p)]
         if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise VocError(f"dataset {self.name!r} lists files that do not exist: {', '.join(missing[:3])}{more}")
+            raise VocError(f"dataset {self.name!r} lists files that do not exist: {_first_few(missing)}")
         annotations, self.dropped_boxes = {}, 0
         for example_id, (image_path, xml_path) in paths.items():
             width, height = Image.open(image_path).size  # reads the header only

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import math
 import os
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -62,9 +63,8 @@ def run_row(run: spec.Run, metric: str, records: Sequence[Mapping[str, Any]]) ->
             row[f"final {key}"] = value
     finished = run_files.read_finished(run.workdir)
     row["wall seconds"] = finished["train_seconds"] if finished else None
-    rates = sorted(r["steps_per_sec"] for r in records if "steps_per_sec" in r)
-    median_rate = rates[len(rates) // 2] if rates else None
-    row["train images/s"] = median_rate * config.batch_size if median_rate and config is not None else None
+    rates = [r["steps_per_sec"] for r in records if "steps_per_sec" in r]
+    row["train images/s"] = statistics.median(rates) * config.batch_size if rates and config is not None else None
     return row
 
 

@@ -122,9 +122,10 @@ def _unfinished(sweep: spec.Sweep) -> Iterator[spec.Run]:
     return (run for run in sweep.runs if run_state(run) != "finished")
 
 
-def _final_metric(run: spec.Run) -> str:
-    shown = run_files.last_eval_metrics(run_files.read_metrics(run.workdir))
-    return ": " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items())[:3]) if shown else ""
+def _final_metric(run: spec.Run, metric: str) -> str:
+    """`: <metric>=<value>` of the run's last evaluation, or nothing when it logged none."""
+    value = run_files.last_eval_metrics(run_files.read_metrics(run.workdir)).get(metric)
+    return "" if value is None else f": {metric}={value:.4f}"
 
 
 def prepare_datasets(sweep: spec.Sweep, runs: Sequence[spec.Run]) -> None:
@@ -154,6 +155,9 @@ def run_local(sweep: spec.Sweep, parallel: int = 1, dry_run: bool = False, out: 
         preparation.join()
         if preparation.exitcode:
             raise spec.SweepError(f"preparing the sweep's datasets failed (exit status {preparation.exitcode})")
+    from mnv2_jax.sweeps import report  # imports this module
+
+    metric = report.report_metric(sweep)
     running: list[_LocalRun] = []
     failed: list[tuple[spec.Run, int]] = []
     done = 0
@@ -173,7 +177,7 @@ def run_local(sweep: spec.Sweep, parallel: int = 1, dry_run: bool = False, out: 
                 done += 1
                 seconds = time.time() - child.started
                 if status == 0:
-                    out(f"  finished {child.run.name} in {seconds:.0f} s{_final_metric(child.run)}")
+                    out(f"  finished {child.run.name} in {seconds:.0f} s{_final_metric(child.run, metric)}")
                 else:
                     log = os.path.join(child.run.workdir, LOG_FILE)
                     out(f"  FAILED {child.run.name} (exit status {status}) after {seconds:.0f} s; log: {log}")

@@ -22,6 +22,7 @@ import dataclasses
 import importlib.util
 import itertools
 import os
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -90,15 +91,33 @@ def run_name(params: Mapping[str, Any]) -> str:
     return ",".join(parts)
 
 
+def _load_error(path: str, source: str, error: Exception) -> SweepError:
+    """One line naming sweep file `path`, its line that failed (of a syntax error, or the innermost of its frames in
+    the traceback; `source` is the file name importlib compiled it with) and the error."""
+    if isinstance(error, SyntaxError) and error.filename == source:
+        line, message = error.lineno, error.msg
+    else:
+        lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__) if frame.filename == source]
+        line, message = (lines[-1] if lines else None), " ".join(str(error).split())
+    where = f", line {line}" if line else ""
+    return SweepError(f"sweep file {path}{where}: {type(error).__name__}: {message}")
+
+
 def _load_module(path: str) -> Mapping[str, Any]:
     if not os.path.isfile(path):
         raise SweepError(f"sweep file {path} does not exist (sweeps live in configs/sweeps/)")
     spec = importlib.util.spec_from_file_location(f"mnv2_sweep_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise _load_error(path, spec.origin, e) from None
     if not hasattr(module, "get_sweep"):
         raise SweepError(f"sweep file {path} must define get_sweep() returning a dict with keys {SWEEP_KEYS}")
-    definition = module.get_sweep()
+    try:
+        definition = module.get_sweep()
+    except Exception as e:
+        raise _load_error(path, spec.origin, e) from None
     if not isinstance(definition, Mapping):
         raise SweepError(f"{path}: get_sweep() must return a dict, got {type(definition).__name__}")
     return definition

@@ -84,6 +84,9 @@ class Segmentation(Task):
     def build_model(self, **overrides: Any) -> MobileDeepLabV3:
         return build_segmenter(self.config.model, self.config.segmentation, **overrides)
 
+    def _decode(self, example: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        return segmentation_data.decode_pair(example, self.config.dataset, self.config.data.mask_feature)
+
     def _model_input(self, image: tf.Tensor, mask: tf.Tensor) -> dict[str, tf.Tensor]:
         label = tf.cast(mask, tf.int32)  # padding holds the ignore label, which the offset keeps
         return {
@@ -94,8 +97,7 @@ class Segmentation(Task):
     def train_example(self, example, seed):
         data = self.config.data
         image, mask = segmentation_data.random_scale_crop_flip(
-            preprocessing.decode_image(example["image"]),
-            segmentation_data.decode_mask(example["segmentation_mask"]),
+            *self._decode(example),
             seed,
             self.config.resolution,
             tuple(data.scale_range),
@@ -107,8 +109,7 @@ class Segmentation(Task):
 
     def eval_example(self, example):
         image, mask = segmentation_data.fit_and_pad(
-            preprocessing.decode_image(example["image"]),
-            segmentation_data.decode_mask(example["segmentation_mask"]),
+            *self._decode(example),
             self.eval_resolution,
             IGNORE_LABEL,
         )

@@ -259,8 +259,11 @@ class Run:
 
 
 def prepare_run(config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None) -> Run:
-    """Every check that needs no compile (config, dataset, splits, batch divisibility, workdir), then the trainer."""
+    """Every check that needs no compile (config, init_from, dataset, splits, batch divisibility, workdir), then the
+    trainer."""
     config_lib.validate(config)
+    if config.init_from and checkpoint.latest_step(workdir) is None:  # a resumed run does not read init_from
+        transfer.check_source(config.init_from)
     mesh = distributed.make_mesh(devices)
     builder = open_dataset(config)
     info = pipeline.dataset_info(builder)

@@ -76,6 +76,16 @@ def match(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[dict[str, Any],
     return {c: take(c) for c in COLLECTIONS}, transfer
 
 
+def check_source(source_workdir: str) -> None:
+    """`init_from` is a workdir holding a checkpoint (checked before the dataset is prepared)."""
+    if checkpoint.latest_step(source_workdir) is None:
+        where = checkpoint.checkpoint_dir(source_workdir)
+        raise TransferError(
+            f"init_from={source_workdir!r} holds no checkpoint (no step in {where}); it must be the workdir of a "
+            "training run or of `mnv2 import`"
+        )
+
+
 def initialise_from(state, source_workdir: str, sharding: jax.sharding.Sharding):
     """`state` with the params and batch statistics of `source_workdir`'s latest checkpoint where they match."""
     step, saved = checkpoint.restore_as_saved(source_workdir, COLLECTIONS, sharding)

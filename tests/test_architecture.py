@@ -75,6 +75,32 @@ def table1_macs(width: float, resolution: int, num_classes: int = 1001) -> dict[
     return macs
 
 
+def table1_params(width: float, num_classes: int = 1001, bn: bool = True) -> int:
+    """Parameters by the paper's Table 1: a bottleneck of input k, expansion t and output k' holds k*tk (expand;
+    none when t = 1) + 9*tk (depthwise 3x3) + tk*k' (project) weights, no conv biases, and 2 BN parameters (scale,
+    offset) per output channel of each conv; plus the 3x3 stem on 3 channels, the last 1x1 conv and the logits
+    (weights and bias; none when num_classes = 0)."""
+    stem, *block_widths, last = WIDTHS[width]
+    bn_per_channel = 2 if bn else 0
+    params = 27 * stem + bn_per_channel * stem
+    k = stem
+    for (t, n, _), k_out in zip(STAGES, block_widths, strict=True):
+        for _ in range(n):
+            tk = t * k
+            params += (k * tk + bn_per_channel * tk if t > 1 else 0) + 9 * tk + bn_per_channel * tk
+            params += tk * k_out + bn_per_channel * k_out
+            k = k_out
+    params += k * last + bn_per_channel * last
+    return params + (last * num_classes + num_classes if num_classes else 0)
+
+
+def test_table1_params_gives_the_published_parameter_counts():
+    """The hand count above, checked against the slim README's exact counts (which exclude BN) before other tests
+    use it."""
+    for width, *_, params_exact in PUBLISHED:
+        assert table1_params(width, bn=False) == params_exact, width
+
+
 @pytest.mark.parametrize("width, resolution, macs_m, macs_exact_m, params_m, params_exact", PUBLISHED)
 def test_summary_matches_published_checkpoints(mnv2, width, resolution, macs_m, macs_exact_m, params_m, params_exact):
     arg = f"width={width},resolution={resolution},num_classes=1001"

@@ -6,10 +6,9 @@ import io
 import json
 
 import pytest
+from test_architecture import table1_macs, table1_params
 
 from mnv2_jax.detection import anchors
-from mnv2_jax.models.complexity import summarize
-from mnv2_jax.models.mobilenet_v2 import MobileNetV2
 
 MAP_CHANNELS = [576, 1280, 512, 256, 256, 128]  # layer_15/expansion_output, layer_19, the extra layers
 CLASS_OUTPUTS = 81  # COCO's 80 classes and the background
@@ -70,12 +69,35 @@ def test_the_regular_ssd_variant_at_300_predicts_the_releases_1917_anchors(mnv2)
     assert sum(height * width * outputs // 4 for height, width, outputs in (r["output_shape"] for r in boxes)) == 1917
 
 
+# docs/detection.md's table for SSDLite at 320x320: parameters, multiply-adds of each part and of the whole.
+DOCUMENTED = {
+    "backbone": (2_223_872, 611_212_800),
+    "extra_layers": (656_960, 38_550_976),
+    "predictors": (1_456_181, 139_066_368),
+    "whole": (4_337_013, 788_830_144),
+}
+
+
 @pytest.mark.parametrize("head", ["ssdlite", "ssd"])
 def test_head_sizes_equal_a_count_by_hand(summaries, head):
-    parts = summaries[head]["parts"]
-    assert {k: parts[k] for k in ("extra_layers", "predictors")} == head_by_hand(head, 320)
-    backbone = summarize(MobileNetV2(num_classes=0), 320)  # the backbone to layer_19
-    assert parts["backbone"] == {"params": backbone["params"], "macs": backbone["macs"]}
+    summary = summaries[head]
+    parts = summary["parts"]
+    by_hand = head_by_hand(head, 320)
+    # The backbone to layer_19 (no logits) by the paper's Table 1 formulas.
+    by_hand["backbone"] = {"params": table1_params(1.0, num_classes=0), "macs": sum(table1_macs(1.0, 320, 0).values())}
+    assert by_hand["backbone"]["macs"] == 611_212_800
+    assert parts == by_hand
+    whole = {key: sum(part[key] for part in by_hand.values()) for key in ("params", "macs")}
+    assert {key: summary[key] for key in whole} == whole
+    layers = {key: by_hand["extra_layers"][key] + by_hand["predictors"][key] for key in ("params", "macs")}
+    if head == "ssdlite":
+        assert {name: (part["params"], part["macs"]) for name, part in by_hand.items()} | {
+            "whole": (whole["params"], whole["macs"])
+        } == DOCUMENTED
+        assert summary["params"] == 4_337_013 and round(summary["macs"] / 1e6, 1) == 788.8
+        assert layers["params"] == 2_113_141 and round(layers["macs"] / 1e6, 1) == 177.6
+    else:
+        assert round(layers["params"] / 1e6, 2) == 14.78 and round(layers["macs"] / 1e9, 2) == 1.26
 
 
 def test_sizes_reproduce_the_papers_figures(summaries):

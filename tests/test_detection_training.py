@@ -205,16 +205,22 @@ def test_resume_ends_bitwise_equal_to_the_uninterrupted_run(detection_run, voc_r
     assert_resume_is_exact(detection_args(f"voc:{voc_root}"), tmp_path / "resumed", detection_run[0])
 
 
-def test_predict_prints_boxes_in_pixels_of_each_image_and_draws_them(detection_run, voc_root, tmp_path):
+def test_predict_prints_boxes_in_pixels_of_each_image_and_draws_them(detection_run, voc_root, tmp_path, monkeypatch):
     from PIL import Image
+
+    from mnv2_jax import inference
 
     workdir, _ = detection_run
     images = [voc_root / "JPEGImages" / f"val_00{i}.jpg" for i in range(2)]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        status = main(["mnv2", "predict", "--workdir", str(workdir), "--json", "--min_score=0", *map(str, images)])
-    assert status == 0
-    report = json.loads(out.getvalue())
+
+    def predict_json(*flags):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            status = main(["mnv2", "predict", "--workdir", str(workdir), "--json", *flags, *map(str, images)])
+        assert status == 0
+        return json.loads(out.getvalue())
+
+    report = predict_json("--min_score=0")
     for path in images:
         width, height = Image.open(path).size
         detections = report[str(path)]
@@ -223,8 +229,29 @@ def test_predict_prints_boxes_in_pixels_of_each_image_and_draws_them(detection_r
             xmin, ymin, xmax, ymax = found["box"]
             assert 0 <= xmin <= xmax <= width and 0 <= ymin <= ymax <= height
             assert found["label"] == CLASSES[found["class_id"]]
-    status = main(["mnv2", "predict", "--workdir", str(workdir), "--out", str(tmp_path), str(images[0])])
+    # --min_score set to one of the printed scores: exactly the detections scoring at least that, that one included.
+    scores = sorted({d["score"] for detections in report.values() for d in detections})
+    assert len(scores) >= 3
+    threshold = scores[len(scores) // 2]
+    at_least = {path: [d for d in detections if d["score"] >= threshold] for path, detections in report.items()}
+    assert 0 < sum(map(len, at_least.values())) < sum(map(len, report.values()))
+    assert predict_json(f"--min_score={threshold!r}") == at_least
+    # Without the flag: 0.5 reaches the detector, and the drawn image's printed scores are those of at least 0.5.
+    min_scores = []
+
+    def recording_detect(task, model, variables, pixels, min_score):
+        min_scores.append(min_score)
+        return detect(task, model, variables, pixels, min_score)
+
+    detect = inference.detect
+    monkeypatch.setattr(inference, "detect", recording_detect)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = main(["mnv2", "predict", "--workdir", str(workdir), "--out", str(tmp_path), str(images[0])])
     assert status == 0 and Image.open(tmp_path / "val_000_detections.png").size == Image.open(images[0]).size
+    assert min_scores == [0.5]
+    printed = [float(line.split()[0]) for line in out.getvalue().splitlines()[1:-1]]  # path, detections, "wrote"
+    assert printed == [round(d["score"], 4) for d in report[str(images[0])] if d["score"] >= 0.5]
 
 
 def test_the_exported_tflite_detector_gives_the_jax_models_boxes_and_scores(detection_run, shared_data, tmp_path):

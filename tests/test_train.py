@@ -191,6 +191,43 @@ def test_restore_onto_a_different_device_count_and_continue(folder, trained, tmp
     assert step == 8 and not np.array_equal(continued["params/Conv/kernel"], saved["params/Conv/kernel"])
 
 
+def test_resuming_with_another_model_lists_every_mismatch(tmp_path):
+    """A checkpoint of one model resumed with a config whose model differs: one error, a line per leaf that differs
+    (names missing from the checkpoint, names the model lacks, shapes with both sides)."""
+    from train_helpers import tiny_config
+
+    mesh = distributed.make_mesh(jax.devices()[:1])
+
+    def abstract_state(config):
+        trainer = train.build_trainer(config, plan.make_plan(config, 80, 8, 1, 1), mesh)
+        return trainer, jax.eval_shape(trainer.create_state, jax.random.key(0))
+
+    saved = tiny_config()  # 8 blocks (expanded_conv .. expanded_conv_7), 10 classes, EMA kept
+    _, state = abstract_state(saved)
+    items = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), train.state_items(state))
+    with checkpoint.manager(str(tmp_path), items=tuple(items)) as mngr:
+        checkpoint.save(mngr, 3, items, saved)
+
+    longer = tiny_config(stage_repeats=(1, 1, 2, 1, 1, 1, 2))  # one more block: expanded_conv_8
+    longer.model.num_classes = 5
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        train.restore_train_state(str(tmp_path), abstract_state(longer)[0], mesh, 3)
+    first, *lines = str(error.value).splitlines()
+    assert first == f"checkpoint step 3 in {tmp_path / 'checkpoints'} does not match the config:"
+    assert "  params Logits/kernel: checkpoint (1280, 10) vs model (1280, 5)" in lines
+    assert "  ema_params Logits/bias: checkpoint (10,) vs model (5,)" in lines
+    assert "  params expanded_conv_8/project/kernel: missing in checkpoint" in lines
+    assert "  batch_stats expanded_conv_8/expand/BatchNorm/var: missing in checkpoint" in lines
+    # Every line names a state item, then a leaf of the logits or of the new block, and nothing else differs.
+    assert {line.split()[0] for line in lines} == {"params", "batch_stats", "opt_state", "ema_params"}
+    assert all("Logits/" in line or "expanded_conv_8/" in line for line in lines)
+
+    shorter = tiny_config(stage_repeats=(1,) * 7)  # 7 blocks: expanded_conv_7 only in the checkpoint
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        train.restore_train_state(str(tmp_path), abstract_state(shorter)[0], mesh, 3)
+    assert "  params expanded_conv_7/depthwise/kernel: in checkpoint but not in the model" in str(error.value)
+
+
 def _load(args):
     from configs_loader import load
 

@@ -92,6 +92,15 @@ def test_bad_sweep_files_are_one_line_errors_before_anything_runs(tmp_path, mnv2
     assert not (tmp_path / "root").exists()
 
 
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "sweeps").glob("*.py")))
+def test_every_shipped_sweep_file_builds_and_validates_its_runs(tmp_path, mnv2, path):
+    status, out, err = mnv2("sweep", path, "--root", tmp_path / "root", "--dry-run")
+    assert status == 0, err
+    sweep = spec.load(path, str(tmp_path / "root"))
+    assert out.count("mnv2 train --config ") == len(sweep.runs) > 0
+    assert not (tmp_path / "root").exists()
+
+
 def test_dry_run_prints_each_runs_command_and_changes_nothing(tmp_path, mnv2):
     path = write_sweep(tmp_path / "grid.py", '{"config": "configs/quickstart.py", "grid": {"model.expansion": [2, 4]}}')
     status, out, err = mnv2("sweep", path, "--root", tmp_path / "root", "--dry-run", "--set", "num_train_steps=3")

@@ -206,8 +206,6 @@ def test_resume_ends_bitwise_equal_to_the_uninterrupted_run(detection_run, voc_r
 
 
 def test_predict_prints_boxes_in_pixels_of_each_image_and_draws_them(detection_run, voc_root, tmp_path, monkeypatch):
-    from PIL import Image
-
     from mnv2_jax import inference
 
     workdir, _ = detection_run

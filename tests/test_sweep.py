@@ -159,15 +159,13 @@ def test_slurm_and_tpu_runners_submit_the_same_train_command(tmp_path, mnv2, fak
     assert "--workdir gs://bucket/sweeps/grid/expansion=4" in remote[1]
 
 
-def eval_records(workdir, metric):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return [(r["step"], r[metric]) for r in records if metric in r]
-
-
 def read_records(workdir) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     return [json.loads(line) for line in read(path).splitlines()] if os.path.exists(path) else []
+
+
+def eval_records(workdir, metric):
+    return [(r["step"], r[metric]) for r in read_records(workdir) if metric in r]
 
 
 def expected_row(run: spec.Run, batch_size: int, size: dict) -> dict:
@@ -334,8 +332,7 @@ def test_a_killed_sweep_reruns_only_what_was_missing_and_its_report_equals_the_r
     assert "resumed from" in second_log and second_log.count("training steps") == 2
     assert all(os.path.exists(os.path.join(run.workdir, "finished.json")) for run in sweep.runs)
     for run in sweep.runs[1:]:  # the line of each run it trained shows the report's metric of its last evaluation
-        records = [json.loads(line) for line in read(os.path.join(run.workdir, "metrics.jsonl")).splitlines()]
-        top1 = [record["eval/top1"] for record in records if "eval/top1" in record][-1]
+        top1 = eval_records(run.workdir, "eval/top1")[-1][1]
         assert re.search(rf"finished {re.escape(run.name)} in \d+ s: eval/top1={top1:.4f}\n", rerun.stdout)
 
     written = report.write(sweep)

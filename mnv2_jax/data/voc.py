@@ -200,7 +200,8 @@ class VocDetectionFolder:
             raise VocError(f"dataset {self.name!r} lists files that do not exist: {_first_few(missing)}")
         annotations, self.dropped_boxes = {}, 0
         for example_id, (image_path, xml_path) in paths.items():
-            width, height = Image.open(image_path).size  # reads the header only
+            with Image.open(image_path) as image:  # reads the header only
+                width, height = image.size
             names, boxes, difficult, dropped = read_annotation(xml_path, (height, width))
             annotations[example_id] = (names, boxes, difficult)
             self.dropped_boxes += dropped

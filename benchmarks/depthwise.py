@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnv2_jax.models import layers
-from mnv2_jax.models.layers import DEPTHWISE_IMPLEMENTATIONS, conv_padding
+from mnv2_jax.models import convolutions
+from mnv2_jax.models.convolutions import DEPTHWISE_IMPLEMENTATIONS
+from mnv2_jax.models.layers import conv_padding
 
 
 def milliseconds(fn, *args, repeats: int = 10) -> float:
@@ -44,7 +45,7 @@ def main() -> None:
     print(f"{jax.default_backend()}, input {args.shape}, stride {args.stride}")
     print(f"  one elementwise pass: {milliseconds(lambda x: x * 2, x):.1f} ms")
     # "shifted-autodiff": the same forward differentiated by JAX, as before `depthwise_shifted` had its own VJP.
-    implementations = {**DEPTHWISE_IMPLEMENTATIONS, "shifted-autodiff": layers._shifted_forward}
+    implementations = {**DEPTHWISE_IMPLEMENTATIONS, "shifted-autodiff": convolutions._shifted_forward}
     for name, depthwise in implementations.items():
         forward = lambda x, k, dw=depthwise: dw(x, k, strides, padding, (1, 1))
         grad_out = jnp.ones_like(forward(x, kernel))

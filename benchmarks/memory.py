@@ -58,9 +58,9 @@ def main() -> None:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()
     import jax
 
-    from mnv2_jax import bench
+    from mnv2_jax import bench, tasks
     from mnv2_jax.cli.common import config_from_spec
-    from mnv2_jax.models import build, memory
+    from mnv2_jax.models import memory
 
     config_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "imagenet.py")
     size = f"{args.resolution}x{args.resolution}"
@@ -83,7 +83,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for t in args.splits:
                 seconds[t].append(steps[t].time_steps(args.steps, 0))
-        backbone = build(config)
+        backbone = tasks.get(config).build_model()
         base_temp = base_rate = None
         for t in args.splits:
             temp = steps[t].compiled.memory_analysis().temp_size_in_bytes

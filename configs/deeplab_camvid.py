@@ -44,8 +44,7 @@ def get_config(arg=None):
         aspp=False,
         from_scratch=False,
     )
-    config = base_config()
-    config.task = "segmentation"
+    config = base_config(task="segmentation")
     config.dataset = f"voc:{arg.root}"
     config.train_split = "train"
     config.eval_split = "val"

@@ -36,8 +36,7 @@ VOC_CLASSES = (
 
 def get_config(arg=None):
     arg = parse_arg(arg, aspp=False, output_stride=16, width=1.0, resolution=513)
-    config = base_config()
-    config.task = "segmentation"
+    config = base_config(task="segmentation")
     config.resolution = arg.resolution
     model = config.model
     model.width = arg.width

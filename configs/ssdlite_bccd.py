@@ -30,8 +30,7 @@ def get_config(arg=None):
         resolution=256,
         head="ssdlite",
     )
-    config = base_config()
-    config.task = "detection"
+    config = base_config(task="detection")
     config.dataset = f"voc:{arg.root}"
     config.train_split = "trainval"
     config.eval_split = "test"

@@ -15,8 +15,7 @@ from mnv2_jax.config import base_config, parse_arg
 
 def get_config(arg=None):
     arg = parse_arg(arg, head="ssdlite", resolution=320, width=1.0, steps=200_000, dataset="coco/2017")
-    config = base_config()
-    config.task = "detection"
+    config = base_config(task="detection")
     config.dataset = arg.dataset
     config.train_split = "train"
     config.eval_split = "validation"

@@ -19,7 +19,7 @@ import numpy as np
 
 from mnv2_jax import host_memory, models
 from mnv2_jax.data import preprocessing
-from mnv2_jax.models import complexity, layers
+from mnv2_jax.models import complexity, convolutions, layers
 from mnv2_jax.training import distributed, train
 from mnv2_jax.training import plan as plan_lib
 
@@ -79,6 +79,83 @@ class CompiledStep:
     time_steps: Callable[[int, int], float]  # (steps, warmup) -> seconds for `steps` steps
 
 
+def _synthetic_inputs(
+    config: ml_collections.ConfigDict, trainer: train.Trainer, mesh: jax.sharding.Mesh, batch: int
+) -> dict[str, jax.Array]:
+    """A global batch of uniform-noise images (normalised as the model expects) and the task's synthetic targets."""
+    rng = np.random.default_rng(0)
+    local = batch // distributed.mesh_process_count(mesh)
+    pixels = rng.uniform(0, 255, (local, config.resolution, config.resolution, 3)).astype(np.float32)
+    images = preprocessing.normalize(pixels, config.model.preprocessing)
+    return distributed.global_batch({**trainer.task.synthetic_batch(local, rng), "image": images}, mesh)
+
+
+def _jit_inference(
+    config: ml_collections.ConfigDict, trainer: train.Trainer, mesh: jax.sharding.Mesh, model: Any
+) -> Callable:
+    """`(variables, images) -> outputs` of `model` jitted over `mesh`: the model, then the task's post-processing
+    (detection: NMS)."""
+
+    def infer(variables, images):
+        outputs = models.predict(model, variables, images, batch_shards=mesh.size)
+        return trainer.task.postprocess(outputs, config.resolution)
+
+    return jax.jit(infer, in_shardings=(distributed.replicated(mesh), distributed.batch_sharded(mesh)))
+
+
+def _step_flops(
+    config: ml_collections.ConfigDict,
+    mode: str,
+    trainer: train.Trainer,
+    mesh: jax.sharding.Mesh,
+    compiled: Any,
+    args: tuple,
+) -> float | None:
+    """FLOPs of one device's program of the compiled step (`config.batch_size` images over the mesh), counting
+    what XLA's cost analysis leaves out."""
+    flops = _cost_flops(compiled)
+    backbone = models.backbone_of(trainer.model)
+    if mode == "infer" and (backbone.inference_chunk != 0 or backbone.expansion_splits > 1):
+        # XLA's cost analysis counts a loop's body once: count the same network run on the whole batch, whole blocks.
+        whole_batch = models.with_backbone(trainer.model, backbone.clone(inference_chunk=0, expansion_splits=1))
+        flops = _cost_flops(_jit_inference(config, trainer, mesh, whole_batch).lower(*args).compile())
+    on_kernels = layers.resolve_depthwise(config.model.depthwise) is convolutions.depthwise_cpu_kernel
+    if mode == "train" and on_kernels and flops is not None and backbone.conventions.dtype == np.float32:
+        # nor does it count custom calls: add the C++ kernels' own multiply-adds, one per tap and output element in
+        # each of the forward (twice with remat), input-gradient and kernel-gradient passes (2 FLOPs each)
+        depthwise_macs = complexity.summarize(trainer.model, config.resolution)["macs_by_kind"]["depthwise"]
+        passes = 4 if backbone.remat else 3
+        flops += passes * 2 * depthwise_macs * config.batch_size / mesh.size
+    return flops
+
+
+def _step_timer(mode: str, compiled: Any, create_state: Callable, step_args: Callable) -> Callable[[int, int], float]:
+    """`time_steps(steps, warmup)`: seconds for `steps` runs of `compiled` after `warmup` untimed ones, on a state
+    created at the first call (a train step carries its state from one step to the next)."""
+    carry = {}
+
+    def time_steps(steps: int, warmup: int = 2) -> float:
+        if not carry:
+            carry["args"] = step_args(create_state(jax.random.key(0)))
+
+        def one():
+            outputs = compiled(*carry["args"])
+            if mode == "train":  # (state, metrics): the next step starts from the new state
+                carry["args"] = (outputs[0], *carry["args"][1:])
+            return outputs
+
+        for _ in range(warmup):
+            jax.block_until_ready(one())
+        started = time.perf_counter()
+        out = None
+        for _ in range(steps):
+            out = one()
+        jax.block_until_ready(out)
+        return time.perf_counter() - started
+
+    return time_steps
+
+
 def compile_step(config: ml_collections.ConfigDict, mode: str = "train", batch: int | None = None) -> CompiledStep:
     """Builds and compiles one step of `mode` for `config` on synthetic inputs sharded over every device."""
     if mode not in MODES:
@@ -93,63 +170,18 @@ def compile_step(config: ml_collections.ConfigDict, mode: str = "train", batch: 
     trainer = train.build_trainer(config, plan, mesh)
     create_state = jax.jit(trainer.create_state, out_shardings=distributed.replicated(mesh))
     state = jax.eval_shape(create_state, jax.random.key(0))  # compiling needs shapes only; timing makes one
-    rng = np.random.default_rng(0)
-    local = batch // distributed.mesh_process_count(mesh)
-    pixels = rng.uniform(0, 255, (local, config.resolution, config.resolution, 3)).astype(np.float32)
-    images = preprocessing.normalize(pixels, config.model.preprocessing)
-    inputs = distributed.global_batch({**trainer.task.synthetic_batch(local, rng), "image": images}, mesh)
-
-    def jit_predict(model):
-        def infer(variables, images):  # the model, then the task's post-processing (detection: NMS)
-            outputs = models.predict(model, variables, images, batch_shards=mesh.size)
-            return trainer.task.postprocess(outputs, config.resolution)
-
-        return jax.jit(infer, in_shardings=(distributed.replicated(mesh), distributed.batch_sharded(mesh)))
+    inputs = _synthetic_inputs(config, trainer, mesh, batch)
 
     def step_args(state):
         return (state, inputs) if mode == "train" else (state.eval_variables(), inputs["image"])
 
-    step_fn = trainer.train_step if mode == "train" else jit_predict(trainer.model)
+    step_fn = trainer.train_step if mode == "train" else _jit_inference(config, trainer, mesh, trainer.model)
     args = step_args(state)
-
     started = time.perf_counter()
     compiled = step_fn.lower(*args).compile()
     compile_s = time.perf_counter() - started
-    flops = _cost_flops(compiled)
-    backbone = models.backbone_of(trainer.model)
-    if mode == "infer" and (backbone.inference_chunk != 0 or backbone.expansion_splits > 1):
-        # XLA's cost analysis counts a loop's body once: count the same network run on the whole batch, whole blocks.
-        whole_batch = models.with_backbone(trainer.model, backbone.clone(inference_chunk=0, expansion_splits=1))
-        flops = _cost_flops(jit_predict(whole_batch).lower(*args).compile())
-    on_kernels = layers.resolve_depthwise(config.model.depthwise) is layers.depthwise_cpu_kernel
-    if mode == "train" and on_kernels and flops is not None and backbone.conventions.dtype == np.float32:
-        # nor does it count custom calls: add the C++ kernels' own multiply-adds, one per tap and output element in
-        # each of the forward (twice with remat), input-gradient and kernel-gradient passes (2 FLOPs each)
-        depthwise_macs = complexity.summarize(trainer.model, config.resolution)["macs_by_kind"]["depthwise"]
-        passes = 4 if backbone.remat else 3
-        flops += passes * 2 * depthwise_macs * batch / mesh.size
-    carry = {}
-
-    def time_steps(steps: int, warmup: int = 2) -> float:
-        if not carry:
-            carry["state"] = create_state(jax.random.key(0))
-            carry["args"] = step_args(carry["state"])
-
-        def one():
-            if mode == "train":
-                carry["state"], metrics = compiled(carry["state"], inputs)
-                return carry["state"], metrics
-            return compiled(*carry["args"])
-
-        for _ in range(warmup):
-            jax.block_until_ready(one())
-        started = time.perf_counter()
-        out = None
-        for _ in range(steps):
-            out = one()
-        jax.block_until_ready(out)
-        return time.perf_counter() - started
-
+    flops = _step_flops(config, mode, trainer, mesh, compiled, args)
+    time_steps = _step_timer(mode, compiled, create_state, step_args)
     return CompiledStep(mode, batch, mesh.size, compile_s, compiled, flops, time_steps)
 
 
@@ -161,7 +193,9 @@ def pipeline_images_per_s(config: ml_collections.ConfigDict, batch: int, steps: 
     builder = pipeline.builder_for(config)
     pipeline.check_split(builder, config.train_split, "config.train_split")
     local_batch = batch // process_count
-    batches = pipeline.train_iterator(builder, config, local_batch, 0, process_index, process_count)
+    batches = pipeline.train_iterator(
+        builder, config, local_batch, process_index=process_index, process_count=process_count
+    )
     for _ in range(warmup):
         next(batches)
     started = time.perf_counter()

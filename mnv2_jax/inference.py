@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mnv2_jax import config as config_lib
 from mnv2_jax import tasks
 from mnv2_jax.data import preprocessing
 from mnv2_jax.models import MobileNetV2, abstract_variables, predict
@@ -23,9 +22,10 @@ def load_model(
     """The config, the task's model and `{'params', 'batch_stats'}` of a checkpoint (the latest by default);
     `tasks_served`: the tasks the caller serves (checked before any weight is read)."""
     step, config = checkpoint.restore_config(workdir, step)
+    task = tasks.get(config)
     if tasks_served is not None:
-        config_lib.require_task(config, tasks_served, f"loading a {'/'.join(tasks_served)} model from {workdir}")
-    model = tasks.get(config).build_model()
+        task = tasks.require(config, tasks_served, f"loading a {'/'.join(tasks_served)} model from {workdir}")
+    model = task.build_model()
     abstract = abstract_variables(model, config.resolution)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     _, variables = checkpoint.restore_model_variables(workdir, abstract, device, step)

@@ -39,7 +39,9 @@ def test_imagefolder_info_and_errors(folder, tmp_path):
 
 
 def batches(builder, config, start_batch, count, process_index=0, process_count=1, batch_size=4):
-    it = pipeline.train_iterator(builder, config, batch_size, start_batch * batch_size, process_index, process_count)
+    it = pipeline.train_iterator(
+        builder, config, batch_size, start_batch * batch_size, process_index=process_index, process_count=process_count
+    )
     return list(itertools.islice(it, count))
 
 
@@ -110,7 +112,7 @@ def test_eval_covers_every_example_once(folder, process_count):
     config = folder_config(folder)
     steps_seen, labels, masks = set(), [], []
     for index in range(process_count):
-        batches_, steps = pipeline.eval_batches(builder, config, 2, index, process_count)
+        batches_, steps = pipeline.eval_batches(builder, config, 2, process_index=index, process_count=process_count)
         got = list(batches_.as_numpy_iterator())
         assert len(got) == steps  # every process runs the same number of batches
         steps_seen.add(steps)
@@ -134,7 +136,7 @@ def test_local_fashion_mnist_prepares_as_tfds_dataset(fashion_mnist_files, tmp_p
     config.resolution = 28
     config.data.eval_crop = 1.0
     config.model.preprocessing = "inception"
-    got, steps = pipeline.eval_batches(builder, config, 5000, 0, 1)
+    got, steps = pipeline.eval_batches(builder, config, 5000, process_index=0, process_count=1)
     assert steps == 2
     counted = np.concatenate([b["label"] for b in got.as_numpy_iterator()])
     assert np.bincount(counted).tolist() == [1000] * 10  # same labels as the IDX file

@@ -143,8 +143,8 @@ def test_objects_are_padded_to_a_fixed_count_with_a_mask():
 
 def test_training_examples_are_a_function_of_the_seed(tmp_path):
     write_voc_detection_folder(tmp_path)
-    config = base_config()
-    config.task, config.resolution, config.model.num_classes = "detection", 64, 3
+    config = base_config(task="detection")
+    config.resolution, config.model.num_classes = 64, 3
     config.data.photometric = True
     task = Detection(config)
     example = next(iter(voc.VocDetectionFolder(str(tmp_path)).as_dataset("train")))
@@ -167,8 +167,8 @@ FIRST_IMAGE_FLAGS = np.array([False, True])
 def assert_flagged_boxes_are_crowd_regions_only(example, flags: np.ndarray) -> None:
     """`example`'s objects flagged by `flags` (difficult or crowd) are not in its training targets (the whole image
     kept, unflipped) and are the crowd regions of its eval example, the others not."""
-    config = base_config()
-    config.task, config.resolution, config.model.num_classes = "detection", 64, 3
+    config = base_config(task="detection")
+    config.resolution, config.model.num_classes = 64, 3
     config.data.keep_image_probability, config.data.flip = 1.0, False
     task = Detection(config)
     boxes, labels = example["objects"]["bbox"].numpy(), example["objects"]["label"].numpy()

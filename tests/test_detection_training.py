@@ -127,17 +127,17 @@ def ground_truth_as_detections(batch, moved, scores) -> dict[str, jax.Array]:
 def metrics_of_ground_truth_detections(workdir, devices: int, moved_and_scores) -> dict[str, float]:
     """The eval metrics of `workdir`'s checkpoint on `devices` (the real eval step, gather and COCO evaluation)
     with the model's detections replaced by the ground truth, moved and scored by `moved_and_scores(batch)`."""
-    eval_sums = Detection.eval_sums
+    eval_outputs = Detection.eval_outputs
 
     def with_ground_truth_detections(self, logits, batch):
-        sums = eval_sums(self, logits, batch)
+        sums = eval_outputs(self, logits, batch)
         detections = ground_truth_as_detections(batch, *moved_and_scores(batch))
         assert detections.keys() <= sums.keys()
         return {**sums, **detections}
 
     overrides = {"eval_batch_size": EVAL_BATCH[devices]}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Detection, "eval_sums", with_ground_truth_detections)
+        patch.setattr(Detection, "eval_outputs", with_ground_truth_detections)
         _, results = train.evaluate_checkpoint(str(workdir), devices=jax.devices()[:devices], overrides=overrides)
     assert results["eval/count"] == 5
     return results

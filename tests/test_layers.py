@@ -8,19 +8,20 @@ import numpy as np
 import pytest
 
 from mnv2_jax.kernels import cpu as cpu_kernels
-from mnv2_jax.models import layers
-from mnv2_jax.models.layers import (
-    BatchNorm,
-    batch_normalize,
-    conv_padding,
+from mnv2_jax.models import convolutions
+from mnv2_jax.models.batch_norm import BatchNorm, batch_normalize
+from mnv2_jax.models.convolutions import (
     convolution,
     depthwise_cpu_kernel,
     depthwise_grouped,
     depthwise_shifted,
-    make_divisible,
     pointwise_conv,
     pointwise_dot,
     regular_conv_patches,
+)
+from mnv2_jax.models.layers import (
+    conv_padding,
+    make_divisible,
     relu6,
     resolve_depthwise,
     resolve_pointwise,
@@ -100,7 +101,7 @@ def test_depthwise_gradients_agree(monkeypatch, implementation, stride, dilation
     C++ kernels' gradients equal autodiff of the grouped conv, for odd and even sizes (TF's 'same' drops or pads
     the last row)."""
     if chunk_bytes is not None:  # the shifted form's kernel gradient in several chunks: 1 image per step, or a few
-        monkeypatch.setattr(layers, "_KERNEL_GRAD_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(convolutions, "_KERNEL_GRAD_CHUNK_BYTES", chunk_bytes)
     x = jax.random.normal(jax.random.key(0), (6, size, size - 1, 41))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 1, 41))
     padding = tuple(conv_padding(s, 3, stride, dilation, mode) for s in x.shape[1:3])

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from mnv2_jax import config as config_lib
-from mnv2_jax import models
-from mnv2_jax.models import build, memory
+from mnv2_jax import models, tasks
+from mnv2_jax.models import memory
 from mnv2_jax.models.layers import Conventions
 from mnv2_jax.models.mobilenet_v2 import MobileNetV2
 
@@ -105,12 +105,12 @@ def test_split_blocks_equal_whole_blocks(width, splits, padding, options):
 def test_split_backbone_under_a_head(task):
     """The segmenter and the detector give the same outputs with split blocks; the detector keeps the block whose
     expansion it reads (layer_15/expansion_output) whole."""
-    config = config_lib.base_config()
-    config.task, config.resolution = task, 64
+    config = config_lib.base_config(task=task)
+    config.resolution = 64
     config.model.width, config.model.num_classes = 0.35, 3
-    whole_model = build(config)
+    whole_model = tasks.get(config).build_model()
     config.model.expansion_splits = 4
-    split_model = build(config)
+    split_model = tasks.get(config).build_model()
     images = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
     variables = _calibrated(whole_model, jax.jit(whole_model.init)(jax.random.key(0), images), images)
     whole, split = jax.jit(lambda v, x: [m.apply(v, x)[0] for m in (whole_model, split_model)])(variables, images)
@@ -223,7 +223,7 @@ def test_split_blocks_lower_the_compiled_inference_peak():
     temp = {}
     for t in (1, 6):
         config.model.expansion_splits = t
-        model = build(config)
+        model = tasks.get(config).build_model()
         variables = jax.eval_shape(model.init, jax.random.key(0), images)
         compiled = jax.jit(lambda v, x, m=model: m.apply(v, x)[0]).lower(variables, images).compile()
         temp[t] = compiled.memory_analysis().temp_size_in_bytes

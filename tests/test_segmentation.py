@@ -15,7 +15,7 @@ from PIL import Image
 from test_architecture import STAGES, WIDTHS
 from train_helpers import SHALLOW_STAGES
 
-from mnv2_jax.models import build
+from mnv2_jax import tasks
 from mnv2_jax.models.deeplab import interpolation_matrix, resize_bilinear
 
 # Backbone widths (stem, seven stages, last): width 1.0 rounds as the classifiers do; DeepLab builds other widths
@@ -92,14 +92,14 @@ def test_summary_matches_table7_and_a_count_by_hand(mnv2, arg, output_stride, as
 def test_the_released_width_05_model_keeps_unrounded_channels():
     """DeepLab builds widths other than 1.0 with rounding off (reference §4): stage widths 8, 12, 16, 32, 48, 80,
     160 at width 0.5, as in the released dm05 TFLite model."""
-    model = build(load("configs/deeplab_voc.py:width=0.5"))
+    model = tasks.get(load("configs/deeplab_voc.py:width=0.5")).build_model()
     widths = [spec.out_features for spec in model.backbone.specs()]
     assert widths[0] == 16 and sorted(set(widths[1:])) == [8, 12, 16, 32, 48, 80, 160]
 
 
 def test_forward_gives_logits_at_the_input_size_and_named_endpoints():
     config = load("configs/deeplab_voc.py:width=0.5,resolution=65,aspp=True")
-    model = build(config, num_classes=5)
+    model = tasks.get(config).build_model(num_classes=5)
     images = jax.random.normal(jax.random.key(0), (2, 65, 65, 3))
     variables = jax.jit(model.init)(jax.random.key(1), images)
     assert {"image_pooling", "aspp0", "aspp3", "concat_projection", "logits", "expanded_conv_15"} <= set(
@@ -136,7 +136,7 @@ def test_multi_scale_flipped_inference_is_deeplabs_average_of_probabilities():
     config.segmentation.feature_endpoint = "layer_10"  # its last block
     config.model.num_classes = 4
     config.segmentation.eval_scales, config.segmentation.eval_flip = (0.5, 1.0, 1.75), True
-    multi = build(config, num_classes=4)
+    multi = tasks.get(config).build_model(num_classes=4)
     single = multi.clone(eval_scales=(1.0,), eval_flip=False)
     images = jax.random.normal(jax.random.key(0), (2, 33, 33, 3))
     variables = random_variables(config)  # random BN statistics and biases: a signal through the whole network
@@ -251,14 +251,16 @@ def test_class_ids_outside_the_classes_count_in_no_loss_or_metric():
     assert float(loss) == pytest.approx(pixel_loss[valid].mean(), rel=1e-5)
     assert float(train_metrics["train/pixel_accuracy"]) == pytest.approx(np.mean(predictions[valid] == labels[valid]))
 
-    sums = task.eval_sums(jnp.asarray(logits), {"label": jnp.asarray(labels), "mask": jnp.asarray(mask)})
+    sums = task.eval_outputs(jnp.asarray(logits), {"label": jnp.asarray(labels), "mask": jnp.asarray(mask)})
     counted = valid & mask.astype(bool)[:, None, None]
     confusion = np.zeros((classes, classes), np.int64)
     np.add.at(confusion, (labels[counted], predictions[counted]), 1)
     assert int(sums["pixels"]) == counted.sum()
     assert float(sums["loss"]) == pytest.approx(pixel_loss[counted].sum(), rel=1e-5)
     np.testing.assert_array_equal(sums["confusion"], confusion)
-    results = task.eval_results({name: np.asarray(value) for name, value in sums.items()})
+    evaluator = task.evaluator()
+    evaluator.update(sums)
+    results = evaluator.result()
     assert results["eval/mIoU"] == scores(confusion)["mIoU"] and results["eval/pixels"] == counted.sum()
 
 
@@ -290,7 +292,7 @@ def test_the_authors_deeplab_models_import_with_the_interpreters_per_pixel_class
 
     path = str(shared_data / DEEPLAB_MODELS[width])
     config = load(f"configs/deeplab_voc.py:width={width}")
-    model = build(config, depthwise="grouped")
+    model = tasks.get(config).build_model(depthwise="grouped")
     variables = import_variables("tflite", path, config)
     interpreter = tflite_reference.interpreter(path)
     (scale, zero_point), input_index = (

@@ -546,7 +546,7 @@ def test_a_gs_workdirs_own_files_go_through_the_cloud_file_system(fake_gcs):
     from mnv2_jax.training import checkpoint, metrics, run_files, train
 
     workdir = "gs://bucket/sweeps/grid/expansion=2"
-    train.check_writable(workdir)
+    run_files.check_writable(workdir)
     assert (fake_gcs / "bucket/sweeps/grid/expansion=2").is_dir()
     assert checkpoint.checkpoint_dir(workdir) == workdir + "/checkpoints"
 

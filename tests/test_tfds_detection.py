@@ -65,8 +65,8 @@ def data(tmp_path_factory):
 
 
 def detection_config(dataset, data_dir=None):
-    config = base_config()
-    config.task, config.dataset, config.data_dir = "detection", dataset, data_dir
+    config = base_config(task="detection")
+    config.dataset, config.data_dir = dataset, data_dir
     config.train_split, config.eval_split = "train", "val"
     config.resolution, config.model.num_classes = 64, None
     config.data.class_names = CLASSES

@@ -100,8 +100,7 @@ def mismatched(tmp_path_factory):
 
 
 def segmentation_config(dataset, data_dir=None, **data_fields):
-    config = base_config()
-    config.task = "segmentation"
+    config = base_config(task="segmentation")
     config.dataset, config.data_dir = dataset, data_dir
     config.train_split, config.eval_split = "train", "val"
     config.resolution, config.eval_resolution = 33, 49
@@ -117,7 +116,9 @@ def train_batches(config, count=4, batch_size=4):
 
 
 def eval_batches(config, process_index=0, process_count=1):
-    batches, _ = pipeline.eval_batches(pipeline.builder_for(config), config, 2, process_index, process_count)
+    batches, _ = pipeline.eval_batches(
+        pipeline.builder_for(config), config, 2, process_index=process_index, process_count=process_count
+    )
     return list(batches.as_numpy_iterator())
 
 

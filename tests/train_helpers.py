@@ -19,8 +19,7 @@ SHALLOW_STAGES = (1, 1, 2, 1, 1, 1, 1)
 
 
 def tiny_config(bn_group_size=None, stage_repeats=SHALLOW_STAGES, task="classification"):
-    config = base_config()
-    config.task = task
+    config = base_config(task=task)
     config.model.stage_repeats = stage_repeats
     if task == "segmentation":
         config.model.output_stride = 16

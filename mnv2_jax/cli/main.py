@@ -11,8 +11,15 @@ from mnv2_jax import host_memory
 COMMANDS = {
     "summary": ("mnv2_jax.cli.summary", "parameter and multiply-add counts of a config's model"),
     "import": ("mnv2_jax.cli.import_weights", "import weights from another framework into a workdir checkpoint"),
-    "export": ("mnv2_jax.cli.export", "export a workdir's classifier to TFLite, ONNX, SavedModel, PyTorch or Keras"),
-    "predict": ("mnv2_jax.cli.predict", "top-5 classes of images with a workdir's checkpoint"),
+    "export": (
+        "mnv2_jax.cli.export",
+        "export a workdir's classifier, segmenter or detector to TFLite, ONNX or SavedModel (classifiers also to "
+        "PyTorch, Keras)",
+    ),
+    "predict": (
+        "mnv2_jax.cli.predict",
+        "top-k classes, segmentation masks or detected boxes of images with a workdir's checkpoint",
+    ),
     "train": ("mnv2_jax.cli.train", "train (and evaluate) a config; resumes from the workdir"),
     "eval": ("mnv2_jax.cli.eval", "evaluate a workdir's checkpoint on the full eval split"),
     "bench": ("mnv2_jax.cli.bench", "throughput, FLOPs and memory of the compiled train or inference step"),

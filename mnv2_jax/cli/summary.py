@@ -7,8 +7,9 @@ import json
 
 from absl import flags
 
+from mnv2_jax import tasks
 from mnv2_jax.cli import common
-from mnv2_jax.models import backbone_of, build
+from mnv2_jax.models import backbone_of
 from mnv2_jax.models import memory as memory_lib
 from mnv2_jax.models.complexity import summarize
 
@@ -78,7 +79,7 @@ def main(argv: list[str]) -> None:
         flags.DEFINE_alias(alias, "per_layer", flag_values=fv)
     common.parse(fv, argv)
     config = common.load_config(config_flag)
-    model = build(config)
+    model = tasks.get(config).build_model()
     summary = summarize(model, config.resolution)
     if not fv.per_layer:
         summary.pop("layers")

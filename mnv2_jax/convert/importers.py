@@ -7,9 +7,9 @@ from typing import Any
 
 import ml_collections
 
+from mnv2_jax import tasks
 from mnv2_jax.convert import ConversionError, keras_applications, pytorch, tflite
 from mnv2_jax.convert.layout import import_tensors, model_layers
-from mnv2_jax.models import build
 
 FORMATS = ("tflite", "torch", "timm", "keras")
 
@@ -20,15 +20,17 @@ def import_variables(fmt: str, path: str, config: ml_collections.ConfigDict) -> 
         raise ConversionError(f"--from must be one of {FORMATS}, got {fmt!r}")
     if not os.path.isfile(path):
         raise ConversionError(f"no such file: {path}")
-    model = build(config)
+    task = tasks.get(config)
+    if fmt not in task.import_formats:
+        raise ConversionError(
+            f"--from {fmt} reads classifiers, not task={task.name!r}: import it with a classification config "
+            f"(task={task.name!r} imports --from {'/'.join(task.import_formats)})"
+        )
+    model = task.build_model()
     if fmt == "tflite":
         if config.model.padding != "same":
             raise ConversionError("TFLite models use TF 'SAME' padding; set --config.model.padding=same")
         return tflite.variables_from_tflite(path, model, config.resolution)
-    if config.task != "classification":
-        raise ConversionError(
-            f"--from {fmt} reads classifiers, not task={config.task!r}: import it with a classification config"
-        )
     layers, abstract = model_layers(model, config.resolution)
     if fmt == "keras":
         keras_applications.check_conventions(config.model)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import tensorflow as tf
+from etils import epy
+
+with epy.lazy_imports():  # TensorFlow loads when an input pipeline first runs, not with the config
+    import tensorflow as tf
 
 
 @dataclasses.dataclass(frozen=True)

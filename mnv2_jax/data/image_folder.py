@@ -8,15 +8,17 @@ rather than by a crash mid-run. `data.corrupt_images` chooses what happens:
 
 from __future__ import annotations
 
+import os
 import re
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from mnv2_jax.data import preprocessing
+from mnv2_jax.data import preprocessing, sources
 from mnv2_jax.errors import UserError
 
+PREFIX = "imagefolder:"
 _SHOWN = 3  # file names quoted in messages
 
 
@@ -59,6 +61,8 @@ class CheckedImageFolder(tfds.folder_dataset.ImageFolder):
     `skipped` maps each split to the files left out under `corrupt_images="skip"`.
     """
 
+    reads_files = True
+
     def __init__(self, root_dir: str, corrupt_images: str = "fail"):
         super().__init__(root_dir)
         self.skipped: dict[str, list[str]] = {}
@@ -84,3 +88,16 @@ class CheckedImageFolder(tfds.folder_dataset.ImageFolder):
                     ]
                 )
             )
+
+
+def open_folder(root: str, config, prepare: bool) -> CheckedImageFolder:
+    """`imagefolder:<root>`: every image decoded once here, per `data.corrupt_images`."""
+    root = os.path.expanduser(root)
+    if not os.path.isdir(root):
+        raise sources.DatasetError(
+            f"dataset {PREFIX + root!r}: {root} is not a directory (expected root/<split>/<class>/<image>)"
+        )
+    return CheckedImageFolder(root, config.data.corrupt_images)
+
+
+sources.register(sources.Reader(PREFIX, "classification", f"'{PREFIX}<root>'", "one label per image", open_folder))

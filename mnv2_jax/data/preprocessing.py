@@ -8,9 +8,12 @@ model expects: `inception` ([-1, 1], the authors' and Keras's) or `imagenet`
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
+from etils import epy
 
 from mnv2_jax.errors import UserError
+
+with epy.lazy_imports():  # TensorFlow loads when an input pipeline first runs, not with the config
+    import tensorflow as tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -6,9 +6,12 @@ padded pixels count in no loss or metric. Training randomness is stateless in th
 
 from __future__ import annotations
 
-import tensorflow as tf
+from etils import epy
 
 from mnv2_jax.data import preprocessing, voc
+
+with epy.lazy_imports():  # TensorFlow loads when an input pipeline first runs, not with the config
+    import tensorflow as tf
 
 MEAN_PIXEL = 127.5  # DeepLab pads images with the mean pixel value
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mnv2_jax.data import sources, tfds_source
 from mnv2_jax.errors import UserError
 
 IMAGE_FEATURE = "image"
@@ -73,6 +75,11 @@ class TfdsSegmentation:
         self._mask_is_image = isinstance(mask, tfds.features.Image)
         self.info = Info(builder.info.splits)
 
+    def dataset_info(self) -> sources.DatasetInfo:
+        """The classes are the config's (a TFDS dataset's `label`, if any, is another thing)."""
+        sizes = {name: split.num_examples for name, split in self.info.splits.items()}
+        return sources.DatasetInfo(None, (), sizes)
+
     def as_dataset(self, split, shuffle_files: bool = False, decoders=None) -> tf.data.Dataset:
         """The split's examples, undecoded as a VOC folder's (`decoders` is ignored: the photo, and a mask `Image`,
         always stay encoded)."""
@@ -89,3 +96,24 @@ class TfdsSegmentation:
             return {"image": ex[IMAGE_FEATURE], "segmentation_mask": mask}
 
         return ds.map(example)
+
+
+def open_tfds_segmentation(dataset: str, config: ml_collections.ConfigDict, prepare: bool) -> TfdsSegmentation:
+    """A TFDS dataset read through `data.mask_feature`, checked before anything is downloaded or prepared."""
+    builder = tfds_source.builder(dataset, config, "segmentation")
+    TfdsSegmentation(builder, config.data.mask_feature, dataset)  # checks the features
+    if prepare:
+        builder = tfds_source.prepare(builder, dataset, config.data_dir)
+    return TfdsSegmentation(builder, config.data.mask_feature, dataset)
+
+
+sources.register(
+    sources.Reader(
+        "",
+        "segmentation",
+        "a name from tfds.list_builders() with a per-pixel class-id feature (e.g. 'oxford_iiit_pet'; "
+        "data.mask_feature names it)",
+        tfds_source.HOLDS,
+        open_tfds_segmentation,
+    )
+)

@@ -21,13 +21,32 @@ import os
 import xml.etree.ElementTree as ET
 
 import numpy as np
-import tensorflow as tf
 from absl import logging
+from etils import epy
 from PIL import Image
 
+from mnv2_jax.data import sources
 from mnv2_jax.errors import UserError
 
+with epy.lazy_imports():  # TensorFlow loads when an input pipeline first runs, not with the config
+    import tensorflow as tf
+
 PREFIX = "voc:"
+
+
+def colour_map(num_classes: int) -> np.ndarray:
+    """PASCAL VOC's colours for class ids (bit-interleaved), (max(num_classes, 256), 3) uint8."""
+    colours = np.zeros((max(num_classes, 256), 3), np.uint8)
+    for index in range(len(colours)):
+        value, shift = index, 7
+        while value:
+            for channel in range(3):
+                colours[index, channel] |= ((value >> channel) & 1) << shift
+            value >>= 3
+            shift -= 1
+    return colours
+
+
 MASK_MODES = ("L", "P")  # 8-bit grey or palette: the value (index) is the class id
 
 
@@ -49,6 +68,8 @@ class Info:
 class VocSegmentationFolder:
     """A VOC-layout segmentation dataset: splits of undecoded `{'image', 'segmentation_mask'}` examples."""
 
+    reads_files = True
+
     def __init__(self, root: str):
         self.root = root
         self.name = f"{PREFIX}{root}"
@@ -66,6 +87,10 @@ class VocSegmentationFolder:
         self._check_masks()
         self.info = Info({split: SplitInfo(len(ids)) for split, ids in self._ids.items()})
         self.skipped: dict[str, list[str]] = {}
+
+    def dataset_info(self) -> sources.DatasetInfo:
+        """The classes are the config's (`model.num_classes`, `data.class_names`)."""
+        return sources.DatasetInfo(None, (), {split: len(ids) for split, ids in self._ids.items()})
 
     def _paths(self, example_id: str) -> tuple[str, str]:
         return (
@@ -184,6 +209,8 @@ class VocDetectionFolder:
     Annotations are read once here; degenerate boxes are left out and counted (`dropped_boxes`, logged).
     """
 
+    reads_files = True
+
     def __init__(self, root: str, class_names: tuple[str, ...] | None = None):
         self.root = root
         self.name = f"{PREFIX}{root}"
@@ -227,6 +254,10 @@ class VocDetectionFolder:
             os.path.join(self.root, "Annotations", f"{example_id}.xml"),
         )
 
+    def dataset_info(self) -> sources.DatasetInfo:
+        sizes = {split: len(ids) for split, ids in self._ids.items()}
+        return sources.DatasetInfo(len(self.class_names), self.class_names, sizes)
+
     def objects(self, split: str) -> list[Objects]:
         """The split's annotations, in file order."""
         return [self._objects[i] for i in self._ids[split]]
@@ -252,3 +283,27 @@ class VocDetectionFolder:
             }
         )
         return ds.map(lambda ex: {**ex, "image": tf.io.read_file(ex["image"])})
+
+
+def _root(name: str) -> str:
+    return os.path.expanduser(name)
+
+
+sources.register(
+    sources.Reader(
+        PREFIX,
+        "segmentation",
+        f"'{PREFIX}<root>'",
+        "segmentation masks",
+        lambda name, config, prepare: VocSegmentationFolder(_root(name)),
+    )
+)
+sources.register(
+    sources.Reader(
+        PREFIX,
+        "detection",
+        f"'{PREFIX}<root>' (Annotations/)",
+        "boxes",
+        lambda name, config, prepare: VocDetectionFolder(_root(name), config.data.class_names),
+    )
+)

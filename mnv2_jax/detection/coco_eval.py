@@ -12,8 +12,11 @@ import contextlib
 import io
 
 import numpy as np
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from etils import epy
+
+with epy.lazy_imports():  # pycocotools loads when an evaluation first runs
+    from pycocotools import coco as coco_api
+    from pycocotools import cocoeval as cocoeval_api
 
 # COCOeval.stats, in its order.
 STAT_NAMES = (
@@ -71,13 +74,13 @@ def evaluate(dataset: dict, results: list[dict]) -> tuple[dict[str, float], np.n
     array `[T, R, K, A, M]` (None when there are no detections: every number is then 0)."""
     quiet = contextlib.redirect_stdout(io.StringIO())
     with quiet:
-        ground_truth = COCO()
+        ground_truth = coco_api.COCO()
         ground_truth.dataset = dataset
         ground_truth.createIndex()
         if not results:
             return dict.fromkeys(STAT_NAMES, 0.0), None
         detections = ground_truth.loadRes(results)
-        coco_eval = COCOeval(ground_truth, detections, "bbox")
+        coco_eval = cocoeval_api.COCOeval(ground_truth, detections, "bbox")
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()

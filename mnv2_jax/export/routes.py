@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -20,10 +21,8 @@ from mnv2_jax.convert.layout import export_tensors, model_layers
 from mnv2_jax.data import preprocessing
 from mnv2_jax.export import INPUT_NAME, OUTPUT_NAME
 from mnv2_jax.export.files import atomic_output, write_json
-from mnv2_jax.models import MobileDeepLabV3, MobileNetV2
 
-FORMATS = ("tflite", "tflite-int8", "onnx", "savedmodel", "torch", "safetensors", "keras")
-TASK_FORMATS = ("tflite", "tflite-int8", "onnx", "savedmodel")  # any task; the others are other frameworks' classifiers
+FORMATS = ("tflite", "tflite-int8", "onnx", "savedmodel", "torch", "safetensors", "keras")  # each task: export_formats
 DEFAULT_CALIBRATION_IMAGES = 100
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -42,43 +41,19 @@ def metadata_path(out: str) -> str:
     return os.path.abspath(out).rstrip(os.sep) + ".metadata.json"
 
 
-def export_model(config: ml_collections.ConfigDict) -> MobileNetV2 | MobileDeepLabV3:
-    """The task's inference model for exports: native convolution ops (grouped depthwise, 1x1 conv), float32, whole
-    blocks (the runtime plans its own memory); a segmenter at one scale (multi-scale inference,
-    `segmentation.eval_scales`, is the caller's loop)."""
-    model = tasks.get(config).build_model(
-        depthwise="grouped", pointwise="conv", regular_conv="conv", dtype="float32", expansion_splits=1
-    )
-    return model.clone(eval_scales=(1.0,), eval_flip=False) if isinstance(model, MobileDeepLabV3) else model
+def export_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The task's inference model for exports (`Task.export_model`: native convolution ops, float32, whole blocks)."""
+    return tasks.get(config).export_model()
 
 
 def output_shape(config: ml_collections.ConfigDict, batch: int | None) -> list[int | None]:
-    """The exported model's output: logits per image, per pixel at the input's size (segmentation), or per anchor
-    its decoded box and class scores (detection)."""
-    if config.task == "segmentation":
-        return [batch, config.resolution, config.resolution, config.model.num_classes]
-    if config.task == "detection":
-        anchors = tasks.get(config).anchors(config.resolution)
-        return [batch, len(anchors), 4 + config.model.num_classes]
-    return [batch, config.model.num_classes]
+    """The exported model's output shape for `batch` images (the task's: logits per image, per pixel, per anchor)."""
+    return tasks.get(config).export_output_shape(batch)
 
 
 def export_function(config: ml_collections.ConfigDict, model) -> Any:
-    """`(variables, images) -> output` of the exported graph: the model's logits, or for detection each anchor's
-    decoded box (normalised ymin, xmin, ymax, xmax) and sigmoid class scores in one `[B, anchors, 4 + classes]`
-    tensor; NMS is the caller's step (`mnv2_jax.detection.nms.select`)."""
-    if config.task != "detection":
-        return lambda variables, images: model.apply(variables, images, train=False)[0]
-    from mnv2_jax.detection import nms
-
-    anchors = tasks.get(config).anchors(config.resolution)
-
-    def detect(variables, images):
-        outputs = model.apply(variables, images, train=False)[0]
-        boxes, scores = nms.decode(outputs["box_codes"], outputs["class_logits"], anchors)
-        return jax.numpy.concatenate([boxes, scores], axis=-1)
-
-    return detect
+    """`(variables, images) -> output` of the exported graph (the task's)."""
+    return tasks.get(config).export_function(model)
 
 
 def as_float32(variables: Any) -> dict[str, Any]:
@@ -95,8 +70,11 @@ def check_before_export(config: ml_collections.ConfigDict, fmt: str, out: str, o
         raise ConversionError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if not config.model.num_classes:
         raise ConversionError("export needs a classifier; the config has model.num_classes=0 (a backbone)")
-    if config.task != "classification" and fmt not in TASK_FORMATS:
-        raise ConversionError(f"--format {fmt} holds classifiers only; task={config.task!r} exports as {TASK_FORMATS}")
+    task = tasks.get(config)
+    if fmt not in task.export_formats:
+        raise ConversionError(
+            f"--format {fmt} holds classifiers only; task={task.name!r} exports as {task.export_formats}"
+        )
     if fmt in ("torch", "safetensors"):
         layout = torch_layout(config, options)
         check_standard_architecture(config.model, f"{layout}'s MobileNetV2")
@@ -154,30 +132,20 @@ def _preprocessing_metadata(mode: str) -> dict[str, Any]:
     }
 
 
-def _output_meaning(config: ml_collections.ConfigDict) -> str:
-    if config.task == "detection":
-        return (
-            "per anchor: columns 0-3 the decoded box (ymin, xmin, ymax, xmax, normalised to the input), then each "
-            "class's sigmoid score; per-class NMS is the caller's step: mnv2_jax.detection.nms.select(output[0])"
-        )
-    if config.task == "segmentation":
-        return "per-pixel class logits (NHWC) at the input's size; the class of a pixel is their argmax"
-    return "class logits; softmax gives the class probabilities"
-
-
 def _class_names(config: ml_collections.ConfigDict, names: Sequence[str] | None) -> list[str] | None:
+    """`names` (--class_names), else the config's or the dataset's when they name every class; else None."""
     if names is not None:
         return list(names)
-    if config.data.class_names and len(config.data.class_names) == config.model.num_classes:
-        return list(config.data.class_names)
-    try:
-        from mnv2_jax.data import pipeline
+    task = tasks.get(config)
+    known = task.named_classes()
+    if known is None:
+        try:
+            from mnv2_jax.data import pipeline
 
-        info = pipeline.dataset_info(pipeline.builder_for(config, prepare=False))
-    except Exception:  # class names are a convenience: the dataset may not be on this machine
-        return None
-    names = info.class_names or tuple(config.data.class_names or ())
-    return list(names) if len(names) == config.model.num_classes else None
+            known = task.named_classes(pipeline.dataset_info(pipeline.builder_for(config, prepare=False)).class_names)
+        except Exception:  # class names are a convenience: the dataset may not be on this machine
+            return None
+    return list(known) if known else None
 
 
 def export(
@@ -191,14 +159,18 @@ def export(
     """Writes `variables` of `config`'s model as `fmt` to `out` (atomically) and its metadata beside it."""
     check_before_export(config, fmt, out, options)
     variables = as_float32(variables)
-    resolution = config.resolution
+    resolution, meaning = config.resolution, tasks.get(config).export_meaning
     metadata: dict[str, Any] = {
         "format": fmt,
         "path": os.path.basename(os.path.abspath(out)),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "source": source or {},
         "input": {"name": INPUT_NAME, "shape": [None, resolution, resolution, 3], "layout": "NHWC", "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": output_shape(config, None), "meaning": _output_meaning(config)},
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": output_shape(config, None),
+            "meaning": meaning,
+        },
         "preprocessing": _preprocessing_metadata(config.model.preprocessing),
         "num_classes": config.model.num_classes,
         "class_names": _class_names(config, options.class_names),
@@ -247,7 +219,7 @@ def _write(config, variables, fmt: str, out: str, options: ExportOptions) -> dic
             "name": OUTPUT_NAME,
             "shape": output_shape(config, 1),
             "dtype": dtype,
-            "meaning": _output_meaning(config),
+            "meaning": tasks.get(config).export_meaning,
         },
     }
     if representative is not None:

@@ -57,47 +57,59 @@ def activation_arena(path: str | os.PathLike, num_threads: int | None = None) ->
     interpreter.allocate_tensors()
     ops = interpreter._get_ops_details()  # the interpreter's only op-level listing
     details = {d["index"]: d for d in interpreter.get_tensor_details()}  # tensors with a shape
-
-    def describe(index: int, op: int) -> dict[str, Any] | None:
-        try:
-            view = interpreter.tensor(index)()
-        except ValueError:  # no data (a dynamic tensor, allocated when its kernel runs): not in the arena
-            return None
-        detail = details[index]
-        entry = {"name": detail["name"], "shape": [int(n) for n in detail["shape"]], "op": op}
-        entry.update(dtype=np.dtype(detail["dtype"]).name, bytes=int(view.nbytes), address=view.ctypes.data)
-        return entry
-
     inputs = [int(d["index"]) for d in interpreter.get_input_details()]
     producers = {int(i): -1 for i in inputs} | {int(i): op["index"] for op in ops for i in op["outputs"] if i >= 0}
-    by_index = {i: describe(i, op) for i, op in producers.items()}  # insertion order: execution order
+    by_index = {i: _describe(interpreter, details, i, op) for i, op in producers.items()}  # in execution order
     tensors = list(by_index.values())
     if None in tensors:
         raise ValueError(f"{path}: some activation tensors are dynamic (allocated at run time, not in the arena)")
-    start = min(t["address"] for t in tensors)
-    end = max(t["address"] + t["bytes"] for t in tensors)
-    scratch = []
     constants = {int(i) for op in ops for i in op["inputs"]}
-    temporaries = [describe(i, -1) for i in details if i not in producers and i not in constants]
-    for temporary in sorted((t for t in temporaries if t), key=lambda t: t["address"]):
-        if start <= temporary["address"] <= start + (end - start + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT:
-            scratch.append(temporary)
-            end = max(end, temporary["address"] + temporary["bytes"])
+    temporaries = [_describe(interpreter, details, i, -1) for i in details if i not in producers and i not in constants]
+    start = min(t["address"] for t in tensors)
+    scratch, end = _arena_scratch(temporaries, start, max(t["address"] + t["bytes"] for t in tensors))
     for t in tensors + scratch:
         t["offset"] = t.pop("address") - start
-
-    largest_op = max(
-        sum(by_index[i]["bytes"] for i in {int(i) for i in (*op["inputs"], *op["outputs"])} & by_index.keys())
-        for op in ops
-    )
     return {
         "arena_bytes": end - start,
         "tensors": tensors,
         "scratch": scratch,
-        "largest_op_bytes": largest_op,
+        "largest_op_bytes": _largest_op_bytes(ops, by_index),
         "peak_live_bytes": _peak_live_bytes(ops, inputs, by_index, interpreter.get_output_details()),
         "sum_bytes": sum(t["bytes"] for t in tensors + scratch),
     }
+
+
+def _describe(interpreter: Any, details: dict[int, dict], index: int, op: int) -> dict[str, Any] | None:
+    """Tensor `index` as a row of the result, with its `address`."""
+    try:
+        view = interpreter.tensor(index)()
+    except ValueError:  # no data (a dynamic tensor, allocated when its kernel runs): not in the arena
+        return None
+    detail = details[index]
+    entry = {"name": detail["name"], "shape": [int(n) for n in detail["shape"]], "op": op}
+    entry.update(dtype=np.dtype(detail["dtype"]).name, bytes=int(view.nbytes), address=view.ctypes.data)
+    return entry
+
+
+def _arena_scratch(temporaries: list[dict[str, Any] | None], start: int, end: int) -> tuple[list[dict], int]:
+    """The kernel temporaries in the arena `[start, end)` of the activation tensors, and the arena's end with them.
+
+    Taken in address order, a temporary is arena scratch when it starts inside the span found so far or at its
+    `ALIGNMENT`-aligned end (see the module's docstring)."""
+    scratch = []
+    for temporary in sorted((t for t in temporaries if t), key=lambda t: t["address"]):
+        if start <= temporary["address"] <= start + (end - start + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT:
+            scratch.append(temporary)
+            end = max(end, temporary["address"] + temporary["bytes"])
+    return scratch, end
+
+
+def _largest_op_bytes(ops: list[dict], tensors: dict[int, dict]) -> int:
+    """The most bytes of activation tensors (`tensors`, by index) that one op reads or writes."""
+    return max(
+        sum(tensors[i]["bytes"] for i in {int(i) for i in (*op["inputs"], *op["outputs"])} & tensors.keys())
+        for op in ops
+    )
 
 
 def _peak_live_bytes(ops: list[dict], inputs: list[int], tensors: dict[int, dict], outputs: list[dict]) -> int:

@@ -27,7 +27,6 @@ __all__ = [
     "SSDLite",
     "abstract_variables",
     "backbone_of",
-    "build",
     "build_detector",
     "build_model",
     "build_segmenter",
@@ -118,15 +117,6 @@ def build_detector(
 
 
 TaskModel = MobileNetV2 | MobileDeepLabV3 | SSDLite
-
-
-def build(config: ml_collections.ConfigDict, **overrides) -> TaskModel:
-    """The model of `config.task`: the classifier, the segmenter or the detector."""
-    if config.task == "segmentation":
-        return build_segmenter(config.model, config.segmentation, **overrides)
-    if config.task == "detection":
-        return build_detector(config.model, config.detection, **overrides)
-    return build_model(config.model, **overrides)
 
 
 def abstract_variables(model: nn.Module, resolution: int, in_channels: int = 3) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from jax import lax
 
 from mnv2_jax.models import splits
 from mnv2_jax.models.layers import ConvBN, Conventions, make_divisible, relu6
+from mnv2_jax.models.rematerialization import rematerialized
 
 # (expansion t, output channels c, repeats n, first stride s) of paper Table 2.
 BLOCK_STAGES: tuple[tuple[int, int, int, int], ...] = (
@@ -169,41 +170,6 @@ class InvertedResidual(nn.Module):
         if self.residual == "bottleneck" and spec.residual:
             x = x + inputs
         return x, endpoints
-
-
-def _after(x: jax.Array, cotangent: jax.Array) -> jax.Array:
-    """`x` plus a zero computed from `cotangent`: XLA cannot prove it zero (NaN * 0 is NaN), so whatever uses
-    the result waits for the cotangent. JAX's own remat orders the recomputation with an optimization barrier,
-    which XLA:CPU removes before scheduling; the recomputation was then hoisted next to the forward pass.
-    """
-    zero = cotangent.reshape(-1)[0].astype(x.dtype) * 0
-    return x + zero
-
-
-def rematerialized(block: nn.Module, x: jax.Array, train: bool, shortcut: jax.Array | None):
-    """Calls `block(x, train, shortcut)` keeping only its inputs; the backward pass recomputes the rest."""
-    definition = block.clone(parent=None, name=None)
-
-    def call(module, x, shortcut):
-        return module(x, train, shortcut)
-
-    def forward(module, x, shortcut):
-        outputs = module(x, train, shortcut)
-        return outputs, (module.variables, x, shortcut)
-
-    def backward(residuals, cotangents):
-        variables, x, shortcut = residuals
-        x = _after(x, cotangents[0])
-
-        def pure(params, x, shortcut):
-            outputs, _ = definition.apply({**variables, "params": params}, x, train, shortcut, mutable=["batch_stats"])
-            return outputs
-
-        _, vjp = jax.vjp(pure, variables["params"], x, shortcut)
-        params_t, x_t, shortcut_t = vjp(cotangents)
-        return {"params": params_t}, x_t, shortcut_t
-
-    return nn.custom_vjp(call, forward, backward)(block, x, shortcut)
 
 
 class MobileNetV2(nn.Module):

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mnv2_jax.models import layers
+from mnv2_jax.models import convolutions, layers
+from mnv2_jax.models.batch_norm import inference_affine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,7 @@ def folded_conv(variables: dict, path: tuple[str, ...], conventions: layers.Conv
     for key in path:
         params, stats = params[key], stats[key]
     bn, moments = params["BatchNorm"], stats["BatchNorm"]
-    multiplier, offset = layers.inference_affine(
+    multiplier, offset = inference_affine(
         bn["scale"], bn["bias"], moments["mean"], moments["var"], conventions.bn_epsilon, conventions.dtype
     )
     return FoldedConv(params["kernel"].astype(conventions.dtype), multiplier, offset)
@@ -76,7 +77,7 @@ def _zeros_after(x: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
     return jnp.broadcast_to((x.reshape(-1)[0] == 0).astype(dtype) * 0, shape)
 
 
-def _padding(x: jax.Array, kernel: int, stride: int, dilation: int, mode: str) -> layers.Padding:
+def _padding(x: jax.Array, kernel: int, stride: int, dilation: int, mode: str) -> convolutions.Padding:
     return tuple(layers.conv_padding(size, kernel, stride, dilation, mode) for size in x.shape[1:3])
 
 
@@ -114,7 +115,7 @@ def inverted_residual(
         stem_padding = _padding(x, stem_kernel, stem_stride, stem_dilation, conventions.padding)
         # XLA's own convolution: the im2col form ("patches", faster whole) does not depend on the group, so XLA
         # hoists it out of the loop and keeps the image's 27-channel patches alive through the block.
-        regular = layers.convolution
+        regular = convolutions.convolution
         expanded_hw = [-(-size // stem_stride) for size in x.shape[1:3]]
     else:
         expanded_hw = list(x.shape[1:3])

@@ -35,10 +35,10 @@ def _saved_config(workdir: str):
 
 def model_size(config) -> dict[str, int]:
     """Parameters and multiply-adds of a config's model, counted like `mnv2 summary`."""
-    from mnv2_jax.models import build
+    from mnv2_jax import tasks
     from mnv2_jax.models.complexity import summarize
 
-    counted = summarize(build(config), config.resolution)
+    counted = summarize(tasks.get(config).build_model(), config.resolution)
     return {"params": counted["params"], "macs": counted["macs"]}
 
 
@@ -76,7 +76,7 @@ def report_metric(sweep: spec.Sweep) -> str:
     from mnv2_jax.cli import common
 
     config = common.config_from_spec(sweep.config, *spec.config_arguments(sweep.runs[0]))
-    return tasks.TASK_TYPES[config.task].best_metric
+    return tasks.get(config).best_metric
 
 
 def collect(sweep: spec.Sweep) -> tuple[str, list[dict[str, Any]], dict[str, list[tuple[int, float]]]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import multiprocessing
 import os
 import shlex
@@ -204,22 +205,39 @@ def _slurm_job_active(job_id: str, run: Callable = subprocess.run) -> bool:
     return result.returncode == 0 and bool(result.stdout.strip())
 
 
-def run_slurm(
+LaunchRun = Callable[[spec.Run], int]  # launches one run: 0, or an exit status that stops the sweep
+
+
+def _run_remote(
+    launcher: Callable[[spec.Sweep, Mapping[str, Any], bool, Printer, Callable], LaunchRun],
     sweep: spec.Sweep,
     options: Mapping[str, Any],
     dry_run: bool = False,
     out: Printer = say,
     run: Callable = subprocess.run,
 ) -> int:
-    """Submits one SLURM job per unfinished run (not one already queued or running); `options` over the sweep's."""
-    from mnv2_jax.launch import slurm
-
+    """Launches the sweep's unfinished runs in order with `launcher(sweep, options, dry_run, out, run)`, after the
+    sweep's summary line; stops at the first nonzero status. `options` override the sweep's runner options."""
+    launch = launcher(sweep, options, dry_run, out, run)
     out(summary_line(sweep))
     for point in _unfinished(sweep):
+        status = launch(point)
+        if status:
+            return status
+    return 0
+
+
+def _slurm_submitter(
+    sweep: spec.Sweep, options: Mapping[str, Any], dry_run: bool, out: Printer, run: Callable
+) -> LaunchRun:
+    """Submits one SLURM job per run (not one already queued or running)."""
+    from mnv2_jax.launch import slurm
+
+    def submit(point: spec.Run) -> int:
         record = _read_record(point)
         if record.get("slurm_job") and not dry_run and _slurm_job_active(record["slurm_job"], run):
             out(f"{point.name}: job {record['slurm_job']} is queued or running")
-            continue
+            return 0
         job = slurm.SlurmJob.from_mapping({**sweep.slurm, **options, "job_name": f"{sweep.name}.{point.name}"})
         command = spec.train_command(sweep, point)
         script = os.path.join(point.workdir, "slurm.sbatch")
@@ -229,28 +247,35 @@ def run_slurm(
         else:
             _write_record(point, {**record, "sweep": sweep.name, "command": command, "slurm_job": result})
             out(f"{point.name}: submitted job {result}")
-    return 0
+        return 0
+
+    return submit
 
 
-def run_tpu(
-    sweep: spec.Sweep,
-    options: Mapping[str, Any],
-    dry_run: bool = False,
-    out: Printer = say,
-    run: Callable = subprocess.run,
-) -> int:
-    """Trains the unfinished runs one after another on a TPU pod (every worker runs each); stops at a failure."""
+def _tpu_pod_trainer(
+    sweep: spec.Sweep, options: Mapping[str, Any], dry_run: bool, out: Printer, run: Callable
+) -> LaunchRun:
+    """Trains each run on a TPU pod (every worker runs it); a failure stops the sweep."""
     from mnv2_jax.launch import tpu
 
     pod = tpu.TpuPod.from_mapping({**sweep.tpu, **options})
-    out(summary_line(sweep))
-    for point in _unfinished(sweep):
+
+    def train(point: spec.Run) -> int:
         commands = tpu.run_commands(pod, spec.train_command(sweep, point), job=f"{sweep.name}.{point.name}")
         status = tpu.execute(commands, dry_run=dry_run, run=run)
         if status:
             out(f"{point.name} failed with exit status {status}; the same command resumes the sweep")
-            return status
-    return 0
+        return status
+
+    return train
+
+
+# `run_slurm(sweep, options, dry_run=False, out=say, run=subprocess.run)`: submits one SLURM job per unfinished run
+# (not one already queued or running); `options` over the sweep's.
+run_slurm = functools.partial(_run_remote, _slurm_submitter)
+# `run_tpu(...)`, the same arguments: trains the unfinished runs one after another on a TPU pod (every worker runs
+# each); stops at a failure.
+run_tpu = functools.partial(_run_remote, _tpu_pod_trainer)
 
 
 def parse_options(assignments: Sequence[str], option: str) -> dict[str, Any]:

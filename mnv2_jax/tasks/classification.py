@@ -8,11 +8,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tensorflow as tf
+from etils import epy
 
+from mnv2_jax import config_checks as checks
+from mnv2_jax import tasks
 from mnv2_jax.data import preprocessing
+from mnv2_jax.evaluators import SummedEvaluator
 from mnv2_jax.models import MobileNetV2, build_model
-from mnv2_jax.tasks.base import Task
+from mnv2_jax.tasks.base import PredictOptions, Task
+
+with epy.lazy_imports():  # TensorFlow loads when an input pipeline first runs, not with the config
+    import tensorflow as tf
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
@@ -56,10 +62,43 @@ def eval_image(encoded: tf.Tensor, resolution: int, crop_fraction: float) -> tf.
     return preprocessing.resize(image, resolution)
 
 
+class TopKAccuracy(SummedEvaluator):
+    """Mean cross-entropy, top-1 and top-5 accuracy over the split."""
+
+    def metrics(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
+        count = float(totals["count"])
+        return {
+            "eval/loss": float(totals["loss"]) / count,
+            "eval/top1": float(totals["top1"]) / count,
+            "eval/top5": float(totals["top5"]) / count,
+            "eval/count": count,
+        }
+
+
+@tasks.register
 class Classification(Task):
     name = "classification"
     features = ("image", "label")
     best_metric = "eval/top1"
+    import_formats = ("tflite", "torch", "timm", "keras")
+    export_formats = ("tflite", "tflite-int8", "onnx", "savedmodel", "torch", "safetensors", "keras")
+    export_meaning = "class logits; softmax gives the class probabilities"
+
+    @classmethod
+    def add_config(cls, config):
+        data = config.data
+        data.area_range = (0.05, 1.0)  # training crops (slim inception_preprocessing)
+        data.aspect_ratio_range = (0.75, 1.33)
+        data.min_object_covered = 0.1
+        data.eval_crop = 0.875  # evaluation: the central crop's share of each side
+
+    @classmethod
+    def validate_data(cls, config):
+        data = config.data
+        checks.check_interval("data.area_range", data.area_range, 0.0, 1.0)
+        checks.check_interval("data.aspect_ratio_range", data.aspect_ratio_range, 1e-3, 1e3)
+        checks.check_range("data.min_object_covered", data.min_object_covered, 0.0, 1.0, closed_high=True)
+        checks.check_range("data.eval_crop", data.eval_crop, 1e-6, 1.0, closed_high=True)
 
     def build_model(self, **overrides: Any) -> MobileNetV2:
         return build_model(self.config.model, **overrides)
@@ -83,7 +122,7 @@ class Classification(Task):
         loss = jnp.mean(cross_entropy(logits, batch["label"], self.num_classes, smoothing))
         return loss, {"train/top1": jnp.mean(correct_top_k(logits, batch["label"], 1))}
 
-    def eval_sums(self, logits, batch):
+    def eval_outputs(self, logits, batch):
         mask = batch["mask"].astype(jnp.float32)
         labels = batch["label"]
         return {
@@ -93,11 +132,16 @@ class Classification(Task):
             "count": jnp.sum(mask),
         }
 
-    def eval_results(self, totals: dict[str, np.ndarray]) -> dict[str, float]:
-        count = float(totals["count"])
-        return {
-            "eval/loss": float(totals["loss"]) / count,
-            "eval/top1": float(totals["top1"]) / count,
-            "eval/top5": float(totals["top5"]) / count,
-            "eval/count": count,
-        }
+    def evaluator(self) -> TopKAccuracy:
+        return TopKAccuracy()
+
+    def predict(self, model, variables, paths: list[str], options: PredictOptions) -> None:
+        """Prints the `top_k` classes of each image with their probabilities."""
+        from mnv2_jax import inference  # loads workdirs through the tasks: imported when used
+
+        pixels = np.stack([preprocessing.load_image(path, self.config.resolution) for path in paths])
+        probabilities = inference.classify(model, variables, pixels, self.config.model.preprocessing)
+        for path, probs in zip(paths, probabilities, strict=True):
+            print(path)
+            for index, name, p in inference.top_k(probs, options.top_k, options.labels):
+                print(f"  {p:.4f}  {index:>5}  {name}")

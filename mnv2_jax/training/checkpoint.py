@@ -244,3 +244,27 @@ def restore_model_variables(
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
     """`jax.ShapeDtypeStruct`s of `tree`'s leaves with one sharding for all (e.g. replicated)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding), tree)
+
+
+def saved_train_seconds(workdir: str, step: int) -> float:
+    """Seconds the run's earlier sessions spent up to checkpoint `step` (0 for a new run)."""
+    if step == 0:
+        return 0.0
+    _, position = restore_json(workdir, DATA_ITEM, step)
+    return float((position or {}).get("train_seconds", 0.0))
+
+
+def saved_data_position(workdir: str, step: int, local_batch_size: int, process_count: int) -> int:
+    """Examples of this process's training stream consumed up to checkpoint `step`."""
+    _, position = restore_json(workdir, DATA_ITEM, step)
+    if position is None:  # written before positions were saved: every step consumed one local batch
+        return step * local_batch_size
+    if position["process_count"] != process_count:
+        logging.warning(
+            "checkpoint written by %d processes, resumed by %d: each process continues its new share of the data "
+            "after %d examples (the batch order differs from an uninterrupted run)",
+            position["process_count"],
+            process_count,
+            position["examples_per_process"],
+        )
+    return position["examples_per_process"]

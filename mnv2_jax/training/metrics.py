@@ -12,7 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from clu import metric_writers
+from clu import metric_writers, periodic_actions
 from etils import epath
 
 from mnv2_jax.training.run_files import METRICS_FILE
@@ -70,3 +70,16 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     default = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), asynchronous=False)
     return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+
+
+def progress_hooks(total_steps: int, writer, workdir: str, profile_steps: int = 0, first_profile: int = 0) -> list:
+    """Process 0's progress report (steps/s, ETA) and, with `profile_steps`, a profile of that many steps from
+    step `first_profile`."""
+    if jax.process_index() != 0:
+        return []
+    hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30)]
+    if profile_steps:
+        hooks.append(
+            periodic_actions.Profile(logdir=workdir, num_profile_steps=profile_steps, first_profile=first_profile)
+        )
+    return hooks

@@ -14,6 +14,8 @@ from typing import Any
 
 from etils import epath
 
+from mnv2_jax.errors import UserError
+
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 FINISHED_FILE = "finished.json"  # {"step": last step, "train_seconds": the sessions' seconds up to their checkpoints}
@@ -71,3 +73,18 @@ def write_finished(workdir: str, step: int, train_seconds: float) -> None:
 def read_finished(workdir: str) -> dict[str, Any] | None:
     """`<workdir>/finished.json`, or None while the run has not reached its last step."""
     return read_json(epath.Path(workdir) / FINISHED_FILE)
+
+
+class WorkdirError(UserError):
+    """The workdir cannot be created or written."""
+
+
+def check_writable(workdir: str) -> None:
+    """Creates `workdir` if needed and checks that files can be written in it (before anything is compiled)."""
+    probe = epath.Path(workdir) / f".mnv2-write-test-{os.getpid()}"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None

@@ -101,18 +101,18 @@ def make_train_step(
     return train_step
 
 
-EvalSumsFn = Callable[[jax.Array, dict[str, jax.Array]], dict[str, jax.Array]]
+EvalOutputsFn = Callable[[jax.Array, dict[str, jax.Array]], dict[str, jax.Array]]
 
 
 def make_eval_step(
-    model: nn.Module, eval_sums: EvalSumsFn, batch_shards: int = 1
+    model: nn.Module, eval_outputs: EvalOutputsFn, batch_shards: int = 1
 ) -> Callable[[dict, dict], dict[str, jax.Array]]:
-    """The task's `eval_sums` of the model's inference logits on a padded batch.
+    """The task's `eval_outputs` of the model's inference logits on a padded batch.
 
     `batch_shards`: the devices the batch is split over (see `models.predict`).
     """
 
     def eval_step(variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        return eval_sums(predict(model, variables, batch["image"], batch_shards), batch)
+        return eval_outputs(predict(model, variables, batch["image"], batch_shards), batch)
 
     return eval_step

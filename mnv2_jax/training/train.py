@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
@@ -32,6 +32,7 @@ from mnv2_jax.data import pipeline
 from mnv2_jax.errors import UserError
 from mnv2_jax.training import checkpoint, distributed, metrics, optim, preemption, run_files, steps, transfer
 from mnv2_jax.training import plan as plan_lib
+from mnv2_jax.training.evaluation import evaluate, jit_eval_step
 
 STATE_ITEMS = ("params", "batch_stats", "opt_state", "ema_params")
 
@@ -49,8 +50,7 @@ def resolve_num_classes(config: ml_collections.ConfigDict, info: pipeline.Datase
             f"model.num_classes={config.model.num_classes} but dataset {config.dataset!r} has {info.num_classes} "
             f"classes; set --config.model.num_classes={info.num_classes} (or None in the config file: from the data)"
         )
-    if config.task == "detection" and config.data.class_names is None and len(info.class_names) == info.num_classes:
-        config.data.class_names = info.class_names  # names the per-class metrics and predictions
+    tasks.get(config).with_dataset(config, info)
     return config
 
 
@@ -112,74 +112,6 @@ def state_items(state: steps.TrainState) -> dict[str, Any]:
     return items
 
 
-class WorkdirError(UserError):
-    """The workdir cannot be created or written."""
-
-
-def check_writable(workdir: str) -> None:
-    """Creates `workdir` if needed and checks that files can be written in it (before anything is compiled)."""
-    probe = epath.Path(workdir) / f".mnv2-write-test-{os.getpid()}"
-    try:
-        probe.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
-
-
-def _saved_train_seconds(workdir: str, step: int) -> float:
-    """Seconds the run's earlier sessions spent up to checkpoint `step` (0 for a new run)."""
-    if step == 0:
-        return 0.0
-    _, position = checkpoint.restore_json(workdir, checkpoint.DATA_ITEM, step)
-    return float((position or {}).get("train_seconds", 0.0))
-
-
-def _saved_data_position(workdir: str, step: int, plan: plan_lib.Plan, process_count: int) -> int:
-    """Examples of this process's training stream consumed up to checkpoint `step`."""
-    _, position = checkpoint.restore_json(workdir, checkpoint.DATA_ITEM, step)
-    if position is None:  # written before positions were saved: every step consumed one local batch
-        return step * plan.local_batch_size
-    if position["process_count"] != process_count:
-        logging.warning(
-            "checkpoint written by %d processes, resumed by %d: each process continues its new share of the data "
-            "after %d examples (the batch order differs from an uninterrupted run)",
-            position["process_count"],
-            process_count,
-            position["examples_per_process"],
-        )
-    return position["examples_per_process"]
-
-
-def evaluate(
-    eval_step,
-    variables: dict[str, Any],
-    builder,
-    config: ml_collections.ConfigDict,
-    local_batch_size: int,
-    mesh: jax.sharding.Mesh,
-) -> dict[str, float]:
-    """The task's eval metrics over every example of the eval split (padding masked out)."""
-    batches, _ = pipeline.eval_batches(
-        builder,
-        config,
-        local_batch_size,
-        distributed.mesh_process_index(mesh),
-        distributed.mesh_process_count(mesh),
-    )
-    task = tasks.get(config)
-    totals, parts = None, []
-    for local in batches.as_numpy_iterator():
-        sums = eval_step(variables, distributed.global_batch(local, mesh))
-        if task.per_example_eval:
-            parts.append(distributed.to_host(sums))
-        else:
-            totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    if task.per_example_eval:
-        return task.eval_results({name: np.concatenate([part[name] for part in parts]) for name in parts[0]})
-    return task.eval_results(distributed.to_host(totals))
-
-
 def _write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if jax.process_index() == 0:
         run_files.write_json(epath.Path(workdir) / run_files.CONFIG_FILE, config_lib.to_dict(config), indent=2)
@@ -195,16 +127,7 @@ class Trainer:
     schedule: optax.Schedule
     create_state: Callable[[jax.Array], steps.TrainState]  # rng -> initial state
     train_step: Callable  # (state, global batch) -> (state, metrics); donates the state
-    eval_step: Callable  # (variables, global batch) -> sums
-
-
-def jit_eval_step(task: tasks.Task, model, mesh: jax.sharding.Mesh) -> Callable:
-    """The task's eval step of `model` on `mesh`: (replicated variables, sharded batch) -> replicated sums."""
-    return jax.jit(
-        steps.make_eval_step(model, task.eval_sums, mesh.size),
-        in_shardings=(distributed.replicated(mesh), distributed.batch_sharded(mesh)),
-        out_shardings=distributed.replicated(mesh),
-    )
+    eval_step: Callable  # (variables, global batch) -> the task's eval outputs
 
 
 def build_trainer(config: ml_collections.ConfigDict, plan: plan_lib.Plan, mesh: jax.sharding.Mesh) -> Trainer:
@@ -269,11 +192,11 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, devices: list[j
     info = pipeline.dataset_info(builder)
     num_train = pipeline.check_split(builder, config.train_split, "train_split")
     num_eval = pipeline.check_split(builder, config.eval_split, "eval_split")
-    pipeline.check_box_counts(builder, config)
+    tasks.get(config).check_dataset(builder)
     config = resolve_num_classes(config, info)
     plan = plan_lib.make_plan(config, num_train, num_eval, mesh.size, distributed.mesh_process_count(mesh))
     logging.info("plan: %s", plan)
-    check_writable(workdir)
+    run_files.check_writable(workdir)
     return Run(config, mesh, builder, plan, build_trainer(config, plan, mesh))
 
 
@@ -286,24 +209,76 @@ def initial_state(run: Run, workdir: str, mngr: ocp.CheckpointManager) -> tuple[
         state = restore_train_state(workdir, run.trainer, run.mesh, latest)
         process_count = distributed.mesh_process_count(run.mesh)
         logging.info("resumed from %s at step %d", checkpoint.checkpoint_dir(workdir), latest)
-        return state, _saved_data_position(workdir, latest, run.plan, process_count)
+        return state, checkpoint.saved_data_position(workdir, latest, run.plan.local_batch_size, process_count)
     state = jax.jit(run.trainer.create_state, out_shardings=replicated)(jax.random.key(run.config.seed))
     if run.config.init_from:
         state, _ = transfer.initialise_from(state, run.config.init_from, replicated)
     return state, 0
 
 
-def _progress_hooks(run: Run, writer, workdir: str) -> list:
-    """Process 0's progress report (steps/s, ETA) and, when asked, a profile."""
-    if jax.process_index() != 0:
-        return []
-    hooks = [periodic_actions.ReportProgress(num_train_steps=run.plan.total_steps, writer=writer, every_secs=30)]
-    if run.config.profile_steps:
-        first = run.config.log_every_steps
-        hooks.append(
-            periodic_actions.Profile(logdir=workdir, num_profile_steps=run.config.profile_steps, first_profile=first)
+@dataclasses.dataclass
+class Session:
+    """One session of a run (a first start or a resume): where it starts and what it writes to."""
+
+    run: Run
+    workdir: str
+    mngr: ocp.CheckpointManager
+    writer: Any
+    start_step: int
+    start_example: int  # this process's position in its training stream at `start_step`
+    seconds_before: float  # the training seconds of the run's earlier sessions
+    started: float  # time.time() at the session's start
+
+    def log(self, step: int, pending: list[dict[str, jax.Array]]) -> None:
+        stacked = distributed.to_host(pending)
+        self.writer.write_scalars(step, {k: np.mean([m[k] for m in stacked]) for k in stacked[0]})
+
+    def evaluate(self, step: int, state: steps.TrainState) -> dict[str, float]:
+        run, started = self.run, time.time()
+        results = evaluate(
+            run.trainer.eval_step,
+            state.eval_variables(),
+            run.builder,
+            run.config,
+            run.plan.local_eval_batch_size,
+            run.mesh,
         )
-    return hooks
+        results["eval/seconds"] = time.time() - started
+        self.writer.write_scalars(step, results)
+        return results
+
+    def save(self, step: int, state: steps.TrainState, eval_metrics: dict[str, float] | None) -> None:
+        position = self.start_example + (step - self.start_step) * self.run.plan.local_batch_size
+        data_position = {
+            "examples_per_process": position,
+            "process_count": distributed.mesh_process_count(self.run.mesh),
+            "train_seconds": self.seconds_before + time.time() - self.started,
+        }
+        checkpoint.save(
+            self.mngr, step, state_items(state), self.run.config, eval_metrics, force=True, data_position=data_position
+        )
+
+
+def start_session(run: Run, workdir: str, started: float) -> tuple[Session, steps.TrainState]:
+    """Clears incomplete checkpoints, restores or creates the state, and opens the metric writers."""
+    if jax.process_index() == 0:
+        checkpoint.discard_incomplete(workdir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("mnv2: incomplete checkpoints removed")
+    mngr = checkpoint_manager(workdir, run.config, run.trainer.task.best_metric)
+    state, start_example = initial_state(run, workdir, mngr)
+    start_step = int(distributed.to_host(state.step))
+    writer = metrics.create_writer(workdir)
+    _write_config(workdir, run.config)
+    if start_step == 0:
+        writer.write_hparams(config_lib.flatten(run.config))
+    skipped = getattr(run.builder, "skipped", {})  # undecodable images left out under data.corrupt_images=skip
+    if skipped:
+        writer.write_scalars(
+            start_step, {f"data/skipped_images/{split}": len(files) for split, files in skipped.items()}
+        )
+    seconds_before = checkpoint.saved_train_seconds(workdir, start_step)
+    return Session(run, workdir, mngr, writer, start_step, start_example, seconds_before, started), state
 
 
 def train_and_evaluate(
@@ -313,46 +288,43 @@ def train_and_evaluate(
 
     Process 0 writes `finished.json` once the last step is trained, with the seconds the run's sessions spent
     up to their last checkpoints (compiles and evaluations included)."""
-    session_start = time.time()
+    started = time.time()
     run = prepare_run(config, workdir, devices)
-    config, mesh, builder, plan, trainer = run.config, run.mesh, run.builder, run.plan, run.trainer
-    process_index, process_count = distributed.mesh_process_index(mesh), distributed.mesh_process_count(mesh)
-
+    session, state = start_session(run, workdir, started)
+    step, last_eval = _train_steps(session, state)
+    total = run.plan.total_steps
+    finished = step == total and (session.start_step < step or run_files.read_finished(workdir) is None)
+    if finished and jax.process_index() == 0:
+        run_files.write_finished(workdir, step, session.seconds_before + time.time() - started)
     if jax.process_index() == 0:
-        checkpoint.discard_incomplete(workdir)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("mnv2: incomplete checkpoints removed")
-    mngr = checkpoint_manager(workdir, config, trainer.task.best_metric)
-    state, start_example = initial_state(run, workdir, mngr)
-    start_step = int(distributed.to_host(state.step))
-    seconds_before = _saved_train_seconds(workdir, start_step)
+        logging.info("TensorBoard logs: %s", os.path.join(os.path.abspath(workdir), "tensorboard"))
+    return last_eval
 
-    writer = metrics.create_writer(workdir)
-    _write_config(workdir, config)
-    if start_step == 0:
-        writer.write_hparams(config_lib.flatten(config))
-    skipped = getattr(builder, "skipped", {})  # undecodable images left out under data.corrupt_images=skip
-    if skipped:
-        writer.write_scalars(
-            start_step, {f"data/skipped_images/{split}": len(files) for split, files in skipped.items()}
-        )
 
+def _train_steps(session: Session, state: steps.TrainState) -> tuple[int, dict[str, float]]:
+    """The session's steps with their logs, evaluations and checkpoints; the last step and the last evaluation."""
+    run, workdir, mngr = session.run, session.workdir, session.mngr
+    config, mesh, plan, trainer = run.config, run.mesh, run.plan, run.trainer
     train_batches = pipeline.train_iterator(
-        builder, config, plan.local_batch_size, start_example, process_index, process_count
+        run.builder,
+        config,
+        plan.local_batch_size,
+        session.start_example,
+        process_index=distributed.mesh_process_index(mesh),
+        process_count=distributed.mesh_process_count(mesh),
     )
-    hooks = _progress_hooks(run, writer, workdir)
-
+    profile_steps = (config.profile_steps, config.log_every_steps)
+    hooks = metrics.progress_hooks(plan.total_steps, session.writer, workdir, *profile_steps)
     last_eval: dict[str, float] = {}
     pending: list[dict[str, jax.Array]] = []
     unchecked: list[tuple[int, jax.Array]] = []  # (step, non-finite flag) not yet looked at on the host
-    logging.info("training steps %d..%d of %d", start_step + 1, plan.total_steps, plan.total_steps)
-    step, lost_process = start_step, False
+    logging.info("training steps %d..%d of %d", session.start_step + 1, plan.total_steps, plan.total_steps)
+    step, lost_process = session.start_step, False
     with preemption.PreemptionNotice() as notice:
         try:
-            for step in range(start_step + 1, plan.total_steps + 1):
+            for step in range(session.start_step + 1, plan.total_steps + 1):
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    batch = distributed.global_batch(next(train_batches), mesh)
-                    state, step_metrics = trainer.train_step(state, batch)
+                    state, step_metrics = trainer.train_step(state, distributed.global_batch(next(train_batches), mesh))
                 pending.append(step_metrics)
                 unchecked.append((step, step_metrics["train/nonfinite"]))
                 for hook in hooks:
@@ -365,31 +337,12 @@ def train_and_evaluate(
                     _check_finite(unchecked, config.on_nonfinite, workdir, mngr)
                     unchecked = []
                 if log_now:
-                    stacked = distributed.to_host(pending)
-                    writer.write_scalars(step, {k: np.mean([m[k] for m in stacked]) for k in stacked[0]})
+                    session.log(step, pending)
                     pending = []
                 if evaluate_now:
-                    started = time.time()
-                    last_eval = evaluate(
-                        trainer.eval_step, state.eval_variables(), builder, config, plan.local_eval_batch_size, mesh
-                    )
-                    last_eval["eval/seconds"] = time.time() - started
-                    writer.write_scalars(step, last_eval)
+                    last_eval = session.evaluate(step, state)
                 if checkpoint_now:
-                    position = start_example + (step - start_step) * plan.local_batch_size
-                    checkpoint.save(
-                        mngr,
-                        step,
-                        state_items(state),
-                        config,
-                        metrics=last_eval if evaluate_now else None,
-                        force=True,
-                        data_position={
-                            "examples_per_process": position,
-                            "process_count": process_count,
-                            "train_seconds": seconds_before + time.time() - session_start,
-                        },
-                    )
+                    session.save(step, state, last_eval if evaluate_now else None)
                 if preempted:
                     raise preemption.Preempted(step, checkpoint.checkpoint_dir(workdir))
         except jax.errors.JaxRuntimeError as e:
@@ -401,13 +354,8 @@ def train_and_evaluate(
             if not lost_process:
                 mngr.wait_until_finished()
                 mngr.close()
-            writer.flush()
-    finished = step == plan.total_steps and (start_step < step or run_files.read_finished(workdir) is None)
-    if finished and jax.process_index() == 0:
-        run_files.write_finished(workdir, step, seconds_before + time.time() - session_start)
-    if jax.process_index() == 0:
-        logging.info("TensorBoard logs: %s", os.path.join(os.path.abspath(workdir), "tensorboard"))
-    return last_eval
+            session.writer.flush()
+    return step, last_eval
 
 
 def evaluate_checkpoint(
@@ -419,9 +367,11 @@ def evaluate_checkpoint(
     """Evaluates a checkpoint of `workdir` (the latest by default) on its config's full eval split, or with the
     data fields in `overrides` (e.g. `dataset`, `eval_split`) changed."""
     step, config = checkpoint.restore_config(workdir, step)
-    if overrides and "segmentation" in overrides and config.task != "segmentation":
-        fields = ", ".join(f"segmentation.{name}" for name in overrides["segmentation"])
-        raise ConfigError(f"{fields} apply to segmentation checkpoints; {workdir} holds a {config.task} run")
+    task = tasks.get(config)
+    for section, fields in (overrides or {}).items():
+        if isinstance(fields, dict) and section != task.section:
+            names = ", ".join(f"{section}.{name}" for name in fields)
+            raise ConfigError(f"{names} apply to {section} checkpoints; {workdir} holds a {task.name} run")
     if overrides:
         with config.ignore_type():
             config.update(overrides)

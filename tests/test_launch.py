@@ -633,3 +633,69 @@ def test_scripts_run_from_the_repository_root():
     done = launch("launch/slurm.py", "--job_name", "j", "--processes", "per_core", "--", *TRAIN)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr == "launch/slurm.py: error: processes must be one of per_gpu, per_node, got 'per_core'\n"
+
+
+# Recovery of a spot pod (`run --recover`); the end-to-end run against a stub gcloud is in test_reliability.py.
+
+
+def fake_gcloud(states: list[str], statuses: dict[str, list[int]]):
+    """A `run` for `tpu.execute`/`pod_state`: `describe` answers the next of `states` (GONE: NOT_FOUND), the other
+    actions the next of their `statuses` (default 0); every call is recorded."""
+    calls = []
+
+    def run(command, check=False, **kwargs):
+        action = command[4] if command[:4] == GCLOUD else command[0]
+        calls.append(action)
+        if action == "describe":
+            state = states.pop(0)
+            gone = state == "GONE"
+            return subprocess.CompletedProcess(command, int(gone), "" if gone else state, "NOT_FOUND" if gone else "")
+        return subprocess.CompletedProcess(command, (statuses.get(action) or [0]).pop(0), "", "")
+
+    return run, calls
+
+
+def test_recovery_commands_follow_the_pods_state(tmp_path, monkeypatch):
+    from mnv2_jax.launch import tpu_recovery
+
+    monkeypatch.setattr(tpu, "pinned_requirements", lambda *args: ["jax[tpu]==0.10.2"])
+    recovery = tpu_recovery.Recovery(source_dir=str(tmp_path))
+    actions = {
+        state: [c[4] if c[:4] == GCLOUD else c[0] for c in tpu_recovery.repair_commands(POD, state, recovery)]
+        for state in ("READY", "GONE", "PREEMPTED", "TERMINATED")
+    }
+    assert actions == {
+        "READY": [],
+        "GONE": ["create", "tar", "scp", "ssh"],
+        "PREEMPTED": ["delete", "create", "tar", "scp", "ssh"],
+        "TERMINATED": ["delete", "create", "tar", "scp", "ssh"],
+    }
+    with pytest.raises(tpu_recovery.RecoveryError, match="TPU mnv2-pod is STOPPED: neither running nor preempted"):
+        tpu_recovery.repair_commands(POD, "STOPPED", recovery)
+    run, _ = fake_gcloud(["GONE"], {})
+    assert tpu_recovery.pod_state(POD, run) == "GONE"
+
+
+def test_recovery_stops_at_a_real_failure_and_after_its_attempts(tmp_path, monkeypatch):
+    from mnv2_jax.launch import tpu_recovery
+
+    recovery = tpu_recovery.Recovery(max_attempts=3, poll_s=0.0, local_dir=str(tmp_path / "logs"))
+    command = ["mnv2", "train", "--workdir", str(tmp_path / "run")]
+    run, calls = fake_gcloud(["READY", "READY"], {"ssh": [2]})  # the command fails on a READY pod
+    with pytest.raises(tpu_recovery.RecoveryError, match="failed with exit status 2 on a READY pod"):
+        tpu_recovery.run_until_finished(POD, command, "run", recovery, run, allow_local_workdir=True)
+    assert calls == ["describe", "ssh", "describe"]
+    run, calls = fake_gcloud(["CREATING", "READY", "READY", "READY"], {"ssh": [255, 255, 255]})
+    with pytest.raises(tpu_recovery.RecoveryError, match="did not finish in 3 attempts"):
+        tpu_recovery.run_until_finished(POD, command, "run", recovery, run, allow_local_workdir=True)
+    assert calls == ["describe", "describe", "ssh", "describe", "ssh", "describe", "ssh"]
+    logged = (tmp_path / "logs" / "run" / "recovery.jsonl").read_text().splitlines()
+    assert len(logged) == 4  # one line per attempt: 1 of the first call, 3 of the second
+
+
+def test_recover_needs_a_training_run_and_no_dry_run(capsys):
+    argv = ["run", "--name", "mnv2-pod", "--zone", "us-central2-b", "--recover"]
+    assert tpu.main([*argv, "--", "mnv2", "eval", "--workdir", "gs://b/w"]) == 2
+    assert "--recover needs a `mnv2 train --workdir ...` command" in capsys.readouterr().err
+    assert tpu.main([*argv, "--dry-run", "--", *GS_TRAIN]) == 2
+    assert "--recover goes with run (not with --dry-run" in capsys.readouterr().err

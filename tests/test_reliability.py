@@ -338,3 +338,42 @@ def test_heartbeat_timeout_must_be_positive_seconds(monkeypatch):
     monkeypatch.setenv(distributed.HEARTBEAT_TIMEOUT_ENV, "-5")
     with pytest.raises(UserError, match="MNV2_HEARTBEAT_TIMEOUT_S must be a positive number of seconds, got '-5'"):
         distributed.heartbeat_timeout_s()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("small_run")  # the compiled train step of test_train's `trained`
+def test_a_spot_pod_preempted_twice_recovers_and_ends_as_the_uninterrupted_run(folder, uninterrupted, tmp_path):
+    """`launch/tpu.py run --recover` against a stub gcloud: preempted after step 2's checkpoint, ssh failing once,
+    then preempted and deleted after step 4's; each time it recreates and sets up the pod as needed and reruns the
+    same command, which ends with the uninterrupted run's exact state."""
+    workdir, bin_dir, home = tmp_path / "run", tmp_path / "bin", tmp_path / "home"
+    for directory in (bin_dir, home, tmp_path / "source"):
+        directory.mkdir()
+    (home / "mnv2_jax").symlink_to(REPO)
+    (tmp_path / "source" / "pyproject.toml").write_text((REPO / "pyproject.toml").read_text())
+    gcloud = bin_dir / "gcloud"
+    gcloud.write_text(f'#!/bin/sh\nexec {sys.executable} {REPO / "tests" / "gcloud_stub.py"} "$@"\n')
+    gcloud.chmod(0o755)
+    plan_ = [{"preempt_after_step": 2, "then": "PREEMPTED"}, {"fail": True}, {"preempt_after_step": 4, "then": "GONE"}]
+    state_file = tmp_path / "gcloud.json"
+    state_file.write_text(json.dumps({"state": "READY", "workdir": str(workdir), "plan": plan_, "calls": []}))
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "GCLOUD_STUB_HOME": str(home)}
+    env["GCLOUD_STUB_STATE"] = str(state_file)
+    pod = ["--name", "spot-pod", "--zone", "us-central2-b", "--spot", "--source_dir", str(tmp_path / "source")]
+    command = [sys.executable, "launch/tpu.py", "run", "--recover", *pod, "--local_dir", str(tmp_path / "logs")]
+    command += ["--allow_local_workdir", "--", "mnv2", "train", "--workdir", str(workdir), *crash_run_args(folder)]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    attempts = [json.loads(line) for line in (tmp_path / "logs" / "run" / "recovery.jsonl").read_text().splitlines()]
+    assert [(a["pod_state"], a["status"], a["finished"]) for a in attempts] == [
+        ("READY", 255, False),  # preempted after step 2
+        ("PREEMPTED", 255, False),  # deleted, created, set up; ssh lost at once
+        ("READY", 255, False),  # preempted and deleted after step 4
+        ("GONE", 0, True),  # created, set up, resumed to the end
+    ]
+    calls = json.loads(state_file.read_text())["calls"]
+    assert calls.count("create") == 2 and calls.count("delete") == 1 and calls.count("describe") == 4
+    (last, resumed), (_, expected) = saved_state(workdir), saved_state(uninterrupted)
+    assert last == 6
+    assert_bitwise_equal(resumed, expected)

@@ -587,3 +587,43 @@ def test_parallel_runs_find_each_dataset_prepared_once(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "open_dataset", lambda config: opened.append((config.dataset, config.data_dir)))
     runner.prepare_datasets(sweep, sweep.runs)
     assert opened == [("cifar10", None), ("fashion_mnist", None)]
+
+
+def test_the_tpu_runner_with_recover_brings_a_preempted_pod_back_for_each_run(tmp_path, fake_gcs, monkeypatch):
+    """`--tpu recover=True`: the first run's pod is preempted once (ssh lost, then PREEMPTED), so it is deleted,
+    created, set up and the run rerun; the sweep goes on once each run's `finished.json` exists."""
+    import re
+
+    from mnv2_jax.launch import tpu
+    from mnv2_jax.training import run_files
+
+    monkeypatch.chdir(tmp_path)  # the recovery log's default folder, tpu_logs/
+    monkeypatch.setattr(tpu, "pinned_requirements", lambda *args: ["jax[tpu]==0.10.2"])
+    path = write_sweep(tmp_path / "grid.py", '{"config": "configs/quickstart.py", "grid": {"model.expansion": [2, 4]}}')
+    sweep = spec.load(path, "gs://bucket/sweeps")
+    pod = {"state": "READY", "preempt": True}
+    calls = []
+
+    def run(command, check=False, **kwargs):
+        action = command[4] if command[0] == "gcloud" else command[0]
+        calls.append(action)
+        status, stdout = 0, ""
+        if action == "describe":
+            stdout = pod["state"]
+        elif action == "create":
+            pod["state"] = "READY"
+        elif action == "ssh" and "pip install" not in command[-1]:
+            if pod.pop("preempt", False):
+                pod["state"], status = "PREEMPTED", 255
+            else:
+                workdir = tmp_path / "gcs" / re.search(r"--workdir gs://(\S+)", command[-1]).group(1)  # fake_gcs's
+                workdir.mkdir(parents=True)
+                run_files.write_finished(str(workdir), 3, 1.0)
+        return subprocess.CompletedProcess(command, status, stdout, "")
+
+    said = []
+    options = {"name": "pod", "zone": "us-central2-b", "recover": True, "max_attempts": 3}
+    assert runner.run_tpu(sweep, options, out=said.append, run=run) == 0
+    assert calls == ["describe", "ssh", "describe", "delete", "create", "tar", "scp", "ssh", "ssh", "describe", "ssh"]
+    assert all(run_files.read_finished(point.workdir) for point in sweep.runs)
+    assert said == ["sweep grid: 2 runs (2 new) in gs://bucket/sweeps/grid"]

@@ -5,7 +5,7 @@ command at the same time: `run` uses `gcloud compute tpus tpu-vm ssh --worker=al
 `MNV2_DISTRIBUTED=1`; `jax.distributed.initialize()` reads the coordinator (worker 0), the process count and this
 worker's id from the TPU VM metadata. Workers do not share a disk, so `mnv2 train` needs a `gs://` workdir; after a
 preemption (spot VMs are stopped or deleted), create and set up the pod again and rerun the same `run` command: it
-resumes from the workdir's latest checkpoint.
+resumes from the workdir's latest checkpoint. `run --recover` does this by itself (`tpu_recovery.py`).
 
 Every action is a list of commands built by a pure function (`create_commands`, ...), run or printed by `execute`.
 """
@@ -101,23 +101,23 @@ class TpuPod:
         return cls(**values)
 
 
-def _location(pod: TpuPod) -> list[str]:
+def location(pod: TpuPod) -> list[str]:
     return ["--zone", pod.zone, *(["--project", pod.project] if pod.project else [])]
 
 
 def ssh_command(pod: TpuPod, remote: str, worker: str = "all") -> list[str]:
     """`gcloud ... ssh` running shell command `remote` on `worker` ("all": every worker at once)."""
-    return [*GCLOUD_TPU, "ssh", pod.name, *_location(pod), f"--worker={worker}", "--command", remote]
+    return [*GCLOUD_TPU, "ssh", pod.name, *location(pod), f"--worker={worker}", "--command", remote]
 
 
-def _home(path: str) -> str:
+def home(path: str) -> str:
     """`~/path` for a remote shell: the tilde expands, the rest is quoted."""
     return "~/" + shlex.quote(path)
 
 
 def create_commands(pod: TpuPod) -> list[list[str]]:
     """Creates the pod (all its workers)."""
-    command = [*GCLOUD_TPU, "create", pod.name, *_location(pod)]
+    command = [*GCLOUD_TPU, "create", pod.name, *location(pod)]
     command += ["--accelerator-type", pod.accelerator_type, "--version", pod.runtime_version]
     return [command + (["--spot"] if pod.spot else [])]
 
@@ -160,8 +160,8 @@ def setup_commands(pod: TpuPod, source_dir: str, packages: Mapping[str, str] | N
     remote_archive = f"{flat}.tar.gz"  # in the home directory
     pack = ["tar", "-czf", archive, "--exclude-vcs", *(f"--exclude={p}" for p in ARCHIVE_EXCLUDES)]
     pack += ["-C", source_dir, "."]
-    copy = [*GCLOUD_TPU, "scp", archive, f"{pod.name}:{remote_archive}", *_location(pod), "--worker=all"]
-    checkout, pip = _home(pod.remote_dir), f"{_home(pod.remote_dir)}/{VENV}/bin/pip"
+    copy = [*GCLOUD_TPU, "scp", archive, f"{pod.name}:{remote_archive}", *location(pod), "--worker=all"]
+    checkout, pip = home(pod.remote_dir), f"{home(pod.remote_dir)}/{VENV}/bin/pip"
     steps = [
         f"({pod.python} -c 'import ensurepip' 2>/dev/null || (sudo apt-get update -q && "
         f"sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q {pod.python}-venv))",
@@ -212,9 +212,9 @@ def run_commands(
     check_workdir(command, allow_local_workdir)
     check(isinstance(job, str) and bool(_JOB.match(job)), "job", "a name of letters, digits and ._,=+@%-", job)
     program = command[0] if "/" in command[0] else f"{VENV}/bin/{command[0]}"
-    logs = _home(pod.log_dir)
+    logs = home(pod.log_dir)
     remote = (
-        f"set -o pipefail; cd {_home(pod.remote_dir)} && mkdir -p {logs} && "
+        f"set -o pipefail; cd {home(pod.remote_dir)} && mkdir -p {logs} && "
         f"{DISTRIBUTED_ENV}=1 {shlex.join([program, *command[1:]])} 2>&1 | tee -a {logs}/{shlex.quote(job + '.log')}"
     )
     return [ssh_command(pod, remote)]
@@ -230,18 +230,18 @@ def logs_commands(pod: TpuPod, job: str, workers: int, local_dir: str) -> list[l
     for k in range(workers):
         source = f"{pod.name}:{pod.log_dir}/{job}.log"  # scp paths are relative to the home directory
         target_k = os.path.join(target, f"worker-{k}.log")
-        commands.append([*GCLOUD_TPU, "scp", source, target_k, *_location(pod), f"--worker={k}"])
+        commands.append([*GCLOUD_TPU, "scp", source, target_k, *location(pod), f"--worker={k}"])
     return commands
 
 
 def stop_commands(pod: TpuPod) -> list[list[str]]:
     """Stops the TPU (the TPU API stops single-host TPUs only: delete a pod slice instead)."""
-    return [[*GCLOUD_TPU, "stop", pod.name, *_location(pod)]]
+    return [[*GCLOUD_TPU, "stop", pod.name, *location(pod)]]
 
 
 def delete_commands(pod: TpuPod) -> list[list[str]]:
     """Deletes the pod without asking."""
-    return [[*GCLOUD_TPU, "delete", pod.name, *_location(pod), "--quiet"]]
+    return [[*GCLOUD_TPU, "delete", pod.name, *location(pod), "--quiet"]]
 
 
 def execute(
@@ -284,12 +284,18 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, help="logs: the pod's number of worker VMs (e.g. 4 for a v4-32)")
     parser.add_argument("--local_dir", default="tpu_logs", help="logs: where to copy them (default: tpu_logs)")
     parser.add_argument("--allow_local_workdir", action="store_true", help="run: accept a workdir not on gs://")
+    parser.add_argument("--recover", action="store_true", help="run: recreate and set up a preempted or deleted "
+                        "pod and rerun until the run finishes (a `mnv2 train` command)")  # fmt: skip
+    parser.add_argument("--max_attempts", type=int, default=10, help="run --recover: attempts at most (default 10)")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="print, run nothing")
     args = vars(parser.parse_args(options))
     action, dry_run = args.pop("action"), args.pop("dry_run")
     extra = {name: args.pop(name) for name in ("source_dir", "package", "job", "workers", "local_dir")}
     allow_local_workdir = args.pop("allow_local_workdir")
+    recover, max_attempts = args.pop("recover"), args.pop("max_attempts")
     pod = TpuPod.from_mapping(args)
+    if recover and (action != "run" or dry_run):
+        raise UserError("--recover goes with run (not with --dry-run: it acts on what the pod's state turns out to be)")
     if command and action != "run":
         raise UserError(f"{action} takes no command after --; only run does")
     if action == "create":
@@ -298,9 +304,19 @@ def _main(argv: list[str]) -> int:
         commands = setup_commands(pod, extra["source_dir"], _packages(extra["package"]))
     elif action == "run":
         command = check_command(command)
+        if recover and not training_workdir(command):
+            raise UserError("--recover needs a `mnv2 train --workdir ...` command: it reruns until the run finishes")
         job = extra["job"] or os.path.basename((training_workdir(command) or "").rstrip("/"))
         if not job:
             raise UserError("run needs --job NAME (the log's name) for a command without --workdir")
+        if recover:
+            from mnv2_jax.launch import tpu_recovery
+
+            check(isinstance(max_attempts, int) and max_attempts >= 1, "max_attempts", "an int >= 1", max_attempts)
+            packages = _packages(extra["package"])
+            recovery = tpu_recovery.Recovery(max_attempts, source_dir=extra["source_dir"], packages=packages,
+                                             local_dir=extra["local_dir"])  # fmt: skip
+            return tpu_recovery.run_until_finished(pod, command, job, recovery, allow_local_workdir=allow_local_workdir)
         commands = run_commands(pod, command, job, allow_local_workdir=allow_local_workdir)
     elif action == "logs":
         if not extra["job"] or extra["workers"] is None:

@@ -255,14 +255,23 @@ def _slurm_submitter(
 def _tpu_pod_trainer(
     sweep: spec.Sweep, options: Mapping[str, Any], dry_run: bool, out: Printer, run: Callable
 ) -> LaunchRun:
-    """Trains each run on a TPU pod (every worker runs it); a failure stops the sweep."""
-    from mnv2_jax.launch import tpu
+    """Trains each run on a TPU pod (every worker runs it); a failure stops the sweep. With `recover=True` (and
+    `max_attempts`) a preempted or deleted pod is recreated and set up, and the run rerun until it finishes."""
+    from mnv2_jax.launch import tpu, tpu_recovery
 
-    pod = tpu.TpuPod.from_mapping({**sweep.tpu, **options})
+    settings = {**sweep.tpu, **options}
+    recover, max_attempts = settings.pop("recover", False), settings.pop("max_attempts", 10)
+    pod = tpu.TpuPod.from_mapping(settings)
 
     def train(point: spec.Run) -> int:
-        commands = tpu.run_commands(pod, spec.train_command(sweep, point), job=f"{sweep.name}.{point.name}")
-        status = tpu.execute(commands, dry_run=dry_run, run=run)
+        command, job = spec.train_command(sweep, point), f"{sweep.name}.{point.name}"
+        if recover and not dry_run:
+            try:
+                return tpu_recovery.run_until_finished(pod, command, job, tpu_recovery.Recovery(max_attempts), run)
+            except tpu_recovery.RecoveryError as error:
+                out(f"{point.name}: {error}")
+                return 1
+        status = tpu.execute(tpu.run_commands(pod, command, job=job), dry_run=dry_run, run=run)
         if status:
             out(f"{point.name} failed with exit status {status}; the same command resumes the sweep")
         return status

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import shlex
 import stat
 import subprocess
@@ -181,14 +182,46 @@ def test_slurm_options_are_left_out_when_unset_and_requeue_can_be_off(tmp_path, 
     assert sbatch == [
         "#SBATCH --job-name=quick",
         "#SBATCH --nodes=1",
-        "#SBATCH --ntasks-per-node=8",
-        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --ntasks-per-node=1",  # no GPUs asked for: one process per node, no --gpus-per-node
         "#SBATCH --chdir=/repo",
         "#SBATCH --output=slurm_logs/%x-%j.out",
         "#SBATCH --open-mode=append",
         "#SBATCH --signal=TERM@300",
+        "#SBATCH --no-requeue",  # not only no --requeue: a cluster's JobRequeue=1 would requeue it
     ]
     assert "scontrol" not in script
+
+
+def sinfo_and_sbatch(gres: str):
+    """A `run` answering `sinfo --format=%G` with `gres` (one line per node) and sbatch with job 99."""
+    calls = []
+
+    def run(command, **kwargs):
+        calls.append(command)
+        stdout = gres if command[0] == "sinfo" else "99\n"
+        return subprocess.CompletedProcess(command, 0, stdout, "")
+
+    return run, calls
+
+
+def test_gpus_are_requested_only_when_asked_and_must_fit_the_partitions_nodes(tmp_path):
+    script = str(tmp_path / "j.sbatch")
+    cpu_only = slurm.SlurmJob(job_name="cpu", nodes=2)
+    run, calls = sinfo_and_sbatch("(null)\n(null)\n")
+    assert slurm.submit(cpu_only, TRAIN, str(tmp_path), script, dry_run=False, run=run) == "99"
+    assert [c[0] for c in calls] == ["sbatch"] and "--gpus-per-node" not in (tmp_path / "j.sbatch").read_text()
+    for gres, message in (
+        ("gpu:2\ngpu:a100:2(S:0-1)\n", "gpus_per_node=8, but the nodes of partition gpu have at most 2 GPUs"),
+        ("(null)\n", "gpu have no GPUs (sinfo: (null)); leave out --gpus_per_node or choose another --partition"),
+    ):
+        run, calls = sinfo_and_sbatch(gres)
+        with pytest.raises(UserError, match=re.escape(message)):
+            slurm.submit(job(), TRAIN, str(tmp_path), script, dry_run=False, run=run)
+        assert calls == [["sinfo", "--noheader", "--format=%G", "--partition=gpu"]]  # nothing submitted
+    run, calls = sinfo_and_sbatch("gpu:8,mps:100\ngpu:4\n")
+    assert slurm.submit(job(), TRAIN, str(tmp_path), script, dry_run=False, run=run) == "99"
+    with pytest.raises(UserError, match="processes must be per_node when no GPUs are requested"):
+        slurm.SlurmJob(job_name="j", processes="per_gpu")
 
 
 def test_launcher_names_agree_with_the_trainer():

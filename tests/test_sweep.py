@@ -134,9 +134,15 @@ def test_slurm_and_tpu_runners_submit_the_same_train_command(tmp_path, mnv2, fak
     sweep = spec.load(path, str(tmp_path / "root"))
     import shlex
 
+    from mnv2_jax.launch import slurm
+
     for run in sweep.runs:
         assert f"#SBATCH --job-name=grid.{run.name}" in out
-        assert "srun --kill-on-bad-exit=1 " + shlex.join(spec.train_command(sweep, run)) in out
+        # The job runs this environment's mnv2 (an unactivated venv's jobs found no `mnv2` on PATH)
+        program, *arguments = slurm.this_environments_program(spec.train_command(sweep, run))
+        assert os.path.dirname(program) == os.path.dirname(sys.executable) or program == sys.executable
+        assert arguments[-len(spec.train_command(sweep, run)) + 1 :] == spec.train_command(sweep, run)[1:]
+        assert "srun --kill-on-bad-exit=1 " + shlex.join([program, *arguments]) in out
     assert out.count("#SBATCH --nodes=2") == 2 and out.count("#SBATCH --partition=gpu") == 2
     assert not (tmp_path / "root").exists()
 

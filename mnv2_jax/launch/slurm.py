@@ -47,8 +47,9 @@ _TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$|^(UNLIMITED|INFINITE)$")  # the for
 FIELD_HELP = {
     "job_name": "the SLURM job name (also names the log file)",
     "nodes": "number of nodes",
-    "gpus_per_node": "GPUs of each node (sbatch --gpus-per-node)",
-    "processes": "per_gpu: one JAX process per GPU; per_node: one process per node owning all its GPUs",
+    "gpus_per_node": "GPUs of each node (sbatch --gpus-per-node; default: none requested)",
+    "processes": "per_gpu: one JAX process per GPU; per_node: one process per node owning all its GPUs (default: "
+    "per_gpu with GPUs, else per_node)",
     "partition": "sbatch --partition",
     "account": "sbatch --account",
     "time": "sbatch --time, e.g. 24:00:00 or 2-00:00:00",
@@ -67,8 +68,8 @@ class SlurmJob:
 
     job_name: str
     nodes: int = 1
-    gpus_per_node: int = 8
-    processes: str = "per_gpu"
+    gpus_per_node: int | None = None  # None: no GPUs requested
+    processes: str | None = None  # None: per_gpu with GPUs, else per_node
     partition: str | None = None
     account: str | None = None
     time: str | None = None
@@ -83,8 +84,13 @@ class SlurmJob:
         check(isinstance(self.job_name, str) and bool(re.fullmatch(r"[^\s/]+", self.job_name)), "job_name",
               "a name without spaces or '/'", self.job_name)  # fmt: skip
         check(positive_int(self.nodes), "nodes", "a positive integer", self.nodes)
-        check(positive_int(self.gpus_per_node), "gpus_per_node", "a positive integer", self.gpus_per_node)
+        check(self.gpus_per_node is None or positive_int(self.gpus_per_node), "gpus_per_node", "a positive integer",
+              self.gpus_per_node)  # fmt: skip
+        if self.processes is None:
+            object.__setattr__(self, "processes", "per_gpu" if self.gpus_per_node else "per_node")
         check(self.processes in PROCESS_MODES, "processes", f"one of {', '.join(PROCESS_MODES)}", self.processes)
+        check(self.processes == "per_node" or self.gpus_per_node is not None, "processes",
+              "per_node when no GPUs are requested (per_gpu needs gpus_per_node)", self.processes)  # fmt: skip
         for name in ("partition", "account", "time"):  # a number (`--slurm account=1234` in a sweep) is its text
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool):
@@ -116,7 +122,7 @@ class SlurmJob:
 
 def tasks_per_node(job: SlurmJob) -> int:
     """JAX processes on each node: one per GPU, or one owning all the node's GPUs."""
-    return job.gpus_per_node if job.processes == "per_gpu" else 1
+    return job.gpus_per_node if job.processes == "per_gpu" and job.gpus_per_node else 1
 
 
 def sbatch_options(job: SlurmJob, chdir: str) -> list[str]:
@@ -126,9 +132,9 @@ def sbatch_options(job: SlurmJob, chdir: str) -> list[str]:
         f"--job-name={job.job_name}",
         f"--nodes={job.nodes}",
         f"--ntasks-per-node={tasks_per_node(job)}",
-        # Not --gpus-per-task: every task must see all the node's GPUs, JAX takes GPU number SLURM_LOCALID.
-        f"--gpus-per-node={job.gpus_per_node}",
     ]
+    if job.gpus_per_node:  # not --gpus-per-task: every task must see all the node's GPUs, JAX takes SLURM_LOCALID's
+        options.append(f"--gpus-per-node={job.gpus_per_node}")
     if job.cpus_per_task is not None:
         options.append(f"--cpus-per-task={job.cpus_per_task}")
     options += [f"--{name}={getattr(job, name)}" for name in ("time", "partition", "account") if getattr(job, name)]
@@ -138,8 +144,8 @@ def sbatch_options(job: SlurmJob, chdir: str) -> list[str]:
         "--open-mode=append",  # a requeued job appends to the same log
         f"--signal=TERM@{job.signal_before_end_s}",  # no B: prefix: srun's tasks get it, not only this shell
     ]
-    if job.requeue:
-        options.append("--requeue")
+    # --no-requeue too: a cluster's JobRequeue=1 would requeue a failed or cancelled job otherwise
+    options.append("--requeue" if job.requeue else "--no-requeue")
     return options + list(job.extra_sbatch)
 
 
@@ -157,7 +163,7 @@ def sbatch_script(job: SlurmJob, command: Sequence[str], chdir: str) -> str:
         *job.setup,
         f"export {DISTRIBUTED_ENV}=1",
     ]
-    if job.processes == "per_node":
+    if job.processes == "per_node" and job.gpus_per_node:
         lines_.append(f"export {LOCAL_DEVICE_IDS_ENV}={','.join(str(i) for i in range(job.gpus_per_node))}")
     lines_ += [f"srun --kill-on-bad-exit=1 {shlex.join(command)}", "status=$?"]
     if job.requeue:
@@ -178,6 +184,35 @@ def sbatch_command(script_path: str) -> list[str]:
     return ["sbatch", "--parsable", script_path]
 
 
+def gpus_in(gres: str) -> int:
+    """GPUs of one node from sinfo's `%G` (`gpu:8`, `gpu:a100:4(S:0-1)`, `gpu:2,mps:100`, `(null)`)."""
+    return sum(int(count) for count in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres))
+
+
+def check_partition(job: SlurmJob, run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> None:
+    """A GPU request that no node of the partition can hold is an error at submit time (SLURM would keep the job
+    PENDING forever, or sbatch fail on a cluster without GPUs). Without `sinfo`, nothing is checked."""
+    if not job.gpus_per_node:
+        return
+    command = ["sinfo", "--noheader", "--format=%G", *([f"--partition={job.partition}"] if job.partition else [])]
+    try:
+        result = run(command, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return
+    if result.returncode != 0:
+        return
+    most = max((gpus_in(gres) for gres in result.stdout.split()), default=0)
+    if most < job.gpus_per_node:
+        where = f"partition {job.partition}" if job.partition else "the cluster"
+        has = f"have at most {most} GPUs" if most else "have no GPUs"
+        fix = f"set --gpus_per_node {most}" if most else "leave out --gpus_per_node"
+        found = " ".join(sorted(set(result.stdout.split()))) or "nothing"
+        raise UserError(
+            f"gpus_per_node={job.gpus_per_node}, but the nodes of {where} {has} (sinfo: {found}); {fix} or choose "
+            "another --partition"
+        )
+
+
 def submit(
     job: SlurmJob,
     command: Sequence[str],
@@ -194,6 +229,7 @@ def submit(
     sbatch = sbatch_command(script_path)
     if dry_run:
         return f"{script}# dry run: would write the script above to {script_path} and run:\n{shlex.join(sbatch)}\n"
+    check_partition(job, run)
     os.makedirs(os.path.dirname(script_path) or ".", exist_ok=True)
     with open(script_path, "w") as f:
         f.write(script)
@@ -233,3 +269,14 @@ def _main(argv: list[str]) -> int:
     else:
         print(f"submitted job {result} ({script}); log: {job.log_dir}/{job.job_name}-{result}.out")
     return 0
+
+
+def this_environments_program(command: Sequence[str]) -> list[str]:
+    """`command` with a bare `mnv2` replaced by the one of this Python environment (its absolute path, else
+    `python -m mnv2_jax.cli.main`), so that a job runs the submitting environment without an activation line."""
+    command = list(command)
+    if not command or command[0] != "mnv2":
+        return command
+    script = os.path.join(os.path.dirname(sys.executable), "mnv2")
+    program = [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "mnv2_jax.cli.main"]
+    return [*program, *command[1:]]

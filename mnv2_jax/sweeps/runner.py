@@ -239,7 +239,7 @@ def _slurm_submitter(
             out(f"{point.name}: job {record['slurm_job']} is queued or running")
             return 0
         job = slurm.SlurmJob.from_mapping({**sweep.slurm, **options, "job_name": f"{sweep.name}.{point.name}"})
-        command = spec.train_command(sweep, point)
+        command = slurm.this_environments_program(spec.train_command(sweep, point))
         script = os.path.join(point.workdir, "slurm.sbatch")
         result = slurm.submit(job, command, os.getcwd(), script, dry_run=dry_run, run=run)
         if dry_run:

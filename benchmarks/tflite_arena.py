@@ -18,6 +18,7 @@ import tempfile
 import jax
 import numpy as np
 
+from mnv2_jax import tasks
 from mnv2_jax.cli.common import config_from_spec
 from mnv2_jax.export import routes
 from mnv2_jax.export.tflite_memory import activation_arena
@@ -28,7 +29,7 @@ MIB = 2**20
 
 def measure(width: float, resolution: int, threads: int | None) -> dict:
     config = config_from_spec(f"{CONFIG}:width={width},resolution={resolution}")
-    model = routes.export_model(config)
+    model = tasks.get(config).export_model()
     images = np.zeros((1, resolution, resolution, 3), np.float32)
     variables = jax.jit(model.init)(jax.random.key(0), images)
     with tempfile.TemporaryDirectory() as folder:

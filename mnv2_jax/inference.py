@@ -22,9 +22,8 @@ def load_model(
     """The config, the task's model and `{'params', 'batch_stats'}` of a checkpoint (the latest by default);
     `tasks_served`: the tasks the caller serves (checked before any weight is read)."""
     step, config = checkpoint.restore_config(workdir, step)
-    task = tasks.get(config)
-    if tasks_served is not None:
-        task = tasks.require(config, tasks_served, f"loading a {'/'.join(tasks_served)} model from {workdir}")
+    served = tasks_served or tasks.names()
+    task = tasks.require(config, served, f"loading a {'/'.join(served)} model from {workdir}")
     model = task.build_model()
     abstract = abstract_variables(model, config.resolution)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

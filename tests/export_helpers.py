@@ -5,13 +5,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from mnv2_jax import tasks
 from mnv2_jax.convert.pytorch import import_torchvision
-from mnv2_jax.export import routes
 
 
 def random_variables(config, seed: int = 0) -> dict:
     """Initialized weights with random BN statistics and scales, so every BN field matters for parity."""
-    model = routes.export_model(config)
+    model = tasks.get(config).export_model()
     r = config.resolution
     variables = jax.tree.map(np.asarray, model.init(jax.random.key(seed), np.zeros((1, r, r, 3), np.float32)))
     rng = np.random.default_rng(seed)
@@ -37,7 +37,7 @@ def random_inputs(config, n: int = 2, seed: int = 1) -> np.ndarray:
 
 
 def jax_logits(config, variables, images: np.ndarray) -> np.ndarray:
-    return np.asarray(routes.export_model(config).apply(variables, images, train=False)[0])
+    return np.asarray(tasks.get(config).export_model().apply(variables, images, train=False)[0])
 
 
 def tflite_logits(path, images: np.ndarray) -> np.ndarray:

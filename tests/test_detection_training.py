@@ -268,7 +268,7 @@ def test_the_exported_tflite_detector_gives_the_jax_models_boxes_and_scores(dete
     workdir, _ = detection_run
     config, model, variables = inference.load_model(str(workdir))
     task = tasks.get(config)
-    expected_fn = jax.jit(routes.export_function(config, model))
+    expected_fn = jax.jit(tasks.get(config).export_function(model))
     ids = (shared_data / "bccd" / "BCCD" / "ImageSets" / "Main" / "test.txt").read_text().split()[:4]
     photos = [shared_data / "bccd" / "BCCD" / "JPEGImages" / f"{i}.jpg" for i in ids]
     images = [

@@ -16,6 +16,7 @@ from export_helpers import (
     torchvision_model,
 )
 
+from mnv2_jax import tasks
 from mnv2_jax.convert import ConversionError
 from mnv2_jax.export import routes
 
@@ -368,7 +369,7 @@ def test_detector_exports_give_the_same_boxes_and_scores_in_their_runtimes(tmp_p
     (`tests/test_detection_training.py` checks TFLite on BCCD's photos)."""
     config = load("configs/ssdlite_bccd.py:width=0.35,resolution=64")
     variables, images = random_variables(config), random_inputs(config)
-    expected = np.asarray(routes.export_function(config, routes.export_model(config))(variables, images))
+    expected = np.asarray(tasks.get(config).export_function(tasks.get(config).export_model())(variables, images))
     out = tmp_path / SUFFIX[fmt]
     metadata = routes.export(config, variables, fmt, str(out))
     if fmt == "onnx":

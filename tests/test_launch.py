@@ -732,3 +732,5 @@ def test_recover_needs_a_training_run_and_no_dry_run(capsys):
     assert "--recover needs a `mnv2 train --workdir ...` command" in capsys.readouterr().err
     assert tpu.main([*argv, "--dry-run", "--", *GS_TRAIN]) == 2
     assert "--recover goes with run (not with --dry-run" in capsys.readouterr().err
+    assert tpu.main([*argv, "--max_attempts", "0", "--", *GS_TRAIN]) == 2
+    assert "max_attempts must be an int >= 1, got 0" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import pytest
 from conftest import require
 from train_helpers import tiny_config
 
+from mnv2_jax import tasks
 from mnv2_jax.export import routes
 from mnv2_jax.export.tflite_memory import activation_arena
 from mnv2_jax.models import memory
@@ -69,7 +70,7 @@ def test_mobilenet_v2_arena_holds_the_networks_activations(tmp_path):
     image (which TFLite keeps for the whole run), to the byte."""
     require("ai_edge_litert")
     config = tiny_config()  # width 0.35, 32x32, 10 classes, 8 blocks
-    model = routes.export_model(config)
+    model = tasks.get(config).export_model()
     r = config.resolution
     variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, r, r, 3), np.float32))
     path = str(tmp_path / "model.tflite")

@@ -9,7 +9,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -39,21 +38,6 @@ class ExportOptions:
 def metadata_path(out: str) -> str:
     """The metadata file written beside an export."""
     return os.path.abspath(out).rstrip(os.sep) + ".metadata.json"
-
-
-def export_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The task's inference model for exports (`Task.export_model`: native convolution ops, float32, whole blocks)."""
-    return tasks.get(config).export_model()
-
-
-def output_shape(config: ml_collections.ConfigDict, batch: int | None) -> list[int | None]:
-    """The exported model's output shape for `batch` images (the task's: logits per image, per pixel, per anchor)."""
-    return tasks.get(config).export_output_shape(batch)
-
-
-def export_function(config: ml_collections.ConfigDict, model) -> Any:
-    """`(variables, images) -> output` of the exported graph (the task's)."""
-    return tasks.get(config).export_function(model)
 
 
 def as_float32(variables: Any) -> dict[str, Any]:
@@ -159,7 +143,8 @@ def export(
     """Writes `variables` of `config`'s model as `fmt` to `out` (atomically) and its metadata beside it."""
     check_before_export(config, fmt, out, options)
     variables = as_float32(variables)
-    resolution, meaning = config.resolution, tasks.get(config).export_meaning
+    task = tasks.get(config)
+    resolution, meaning = config.resolution, task.export_meaning
     metadata: dict[str, Any] = {
         "format": fmt,
         "path": os.path.basename(os.path.abspath(out)),
@@ -168,7 +153,7 @@ def export(
         "input": {"name": INPUT_NAME, "shape": [None, resolution, resolution, 3], "layout": "NHWC", "dtype": "float32"},
         "output": {
             "name": OUTPUT_NAME,
-            "shape": output_shape(config, None),
+            "shape": task.export_output_shape(None),
             "meaning": meaning,
         },
         "preprocessing": _preprocessing_metadata(config.model.preprocessing),
@@ -182,9 +167,9 @@ def export(
 
 
 def _write(config, variables, fmt: str, out: str, options: ExportOptions) -> dict[str, Any]:
-    resolution = config.resolution
-    model = export_model(config)
-    apply_fn = export_function(config, model)
+    resolution, task = config.resolution, tasks.get(config)
+    model = task.export_model()
+    apply_fn = task.export_function(model)
 
     if fmt in ("torch", "safetensors"):
         return _write_torch(config, variables, fmt, out, options, model)
@@ -217,7 +202,7 @@ def _write(config, variables, fmt: str, out: str, options: ExportOptions) -> dic
         "input": {"name": INPUT_NAME, "shape": [1, resolution, resolution, 3], "layout": "NHWC", "dtype": dtype},
         "output": {
             "name": OUTPUT_NAME,
-            "shape": output_shape(config, 1),
+            "shape": task.export_output_shape(1),
             "dtype": dtype,
             "meaning": tasks.get(config).export_meaning,
         },

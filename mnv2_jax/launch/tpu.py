@@ -304,15 +304,14 @@ def _main(argv: list[str]) -> int:
         commands = setup_commands(pod, extra["source_dir"], _packages(extra["package"]))
     elif action == "run":
         command = check_command(command)
-        if recover and not training_workdir(command):
-            raise UserError("--recover needs a `mnv2 train --workdir ...` command: it reruns until the run finishes")
+        if recover:
+            from mnv2_jax.launch import tpu_recovery
+
+            tpu_recovery.training_workdir(command)  # before --job: the error that says what --recover needs
         job = extra["job"] or os.path.basename((training_workdir(command) or "").rstrip("/"))
         if not job:
             raise UserError("run needs --job NAME (the log's name) for a command without --workdir")
         if recover:
-            from mnv2_jax.launch import tpu_recovery
-
-            check(isinstance(max_attempts, int) and max_attempts >= 1, "max_attempts", "an int >= 1", max_attempts)
             packages = _packages(extra["package"])
             recovery = tpu_recovery.Recovery(max_attempts, source_dir=extra["source_dir"], packages=packages,
                                              local_dir=extra["local_dir"])  # fmt: skip

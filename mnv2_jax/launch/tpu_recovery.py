@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from mnv2_jax.errors import UserError
 from mnv2_jax.launch import tpu
+from mnv2_jax.launch.options import check
 
 READY = "READY"
 GONE = "GONE"  # `describe` found no such TPU (deleted after a preemption, or never created)
@@ -43,6 +44,19 @@ class Recovery:
     packages: Mapping[str, str] | None = None
     local_dir: str = "tpu_logs"
 
+    def __post_init__(self) -> None:
+        attempts = self.max_attempts
+        valid = isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 1
+        check(valid, "max_attempts", "an int >= 1", attempts)
+
+
+def training_workdir(command: Sequence[str]) -> str:
+    """The workdir of the `mnv2 train` command to rerun; a one-line error for any other command."""
+    workdir = tpu.training_workdir(command)
+    if not workdir:
+        raise UserError("--recover needs a `mnv2 train --workdir ...` command: it reruns until the run finishes")
+    return workdir
+
 
 def describe_command(pod: tpu.TpuPod) -> list[str]:
     """Prints the pod's state (READY, PREEMPTED, ...); fails with NOT_FOUND when there is no such TPU."""
@@ -56,7 +70,8 @@ def pod_state(pod: tpu.TpuPod, run: Callable[..., subprocess.CompletedProcess] =
         return done.stdout.strip() or "STATE_UNSPECIFIED"
     if "NOT_FOUND" in done.stderr or "not found" in done.stderr.lower():
         return GONE
-    raise RecoveryError(f"gcloud cannot describe TPU {pod.name}: {done.stderr.strip().splitlines()[-1:]}")
+    message = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    raise RecoveryError(f"gcloud cannot describe TPU {pod.name}: {message}")
 
 
 def repair_commands(pod: tpu.TpuPod, state: str, recovery: Recovery) -> list[list[str]]:
@@ -82,9 +97,7 @@ def run_until_finished(
     """Runs the `mnv2 train` `command` on `pod`, recovering the pod, until its workdir holds `finished.json`."""
     from mnv2_jax.training import run_files
 
-    workdir = tpu.training_workdir(command)
-    if not workdir:
-        raise UserError("run_until_finished needs a `mnv2 train --workdir ...` command: it reruns until it finishes")
+    workdir = training_workdir(command)
     run_commands = tpu.run_commands(pod, command, job, allow_local_workdir=allow_local_workdir)
     log = os.path.join(recovery.local_dir, job, "recovery.jsonl")
     for attempt in range(1, recovery.max_attempts + 1):

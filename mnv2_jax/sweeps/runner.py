@@ -262,12 +262,13 @@ def _tpu_pod_trainer(
     settings = {**sweep.tpu, **options}
     recover, max_attempts = settings.pop("recover", False), settings.pop("max_attempts", 10)
     pod = tpu.TpuPod.from_mapping(settings)
+    recovery = tpu_recovery.Recovery(max_attempts) if recover else None  # checked before anything runs
 
     def train(point: spec.Run) -> int:
         command, job = spec.train_command(sweep, point), f"{sweep.name}.{point.name}"
-        if recover and not dry_run:
+        if recovery is not None and not dry_run:
             try:
-                return tpu_recovery.run_until_finished(pod, command, job, tpu_recovery.Recovery(max_attempts), run)
+                return tpu_recovery.run_until_finished(pod, command, job, recovery, run)
             except tpu_recovery.RecoveryError as error:
                 out(f"{point.name}: {error}")
                 return 1

@@ -21,12 +21,12 @@ def inference_fields() -> dict[str, tuple[str, str]]:
     return {field: (kind, text) for name in tasks.names() for field, kind, text in tasks.task_type(name).eval_overrides}
 
 
-def metrics_prefix(overrides: dict, task: tasks.Task | None = None) -> str:
+def metrics_prefix(overrides: dict, task: tasks.Task) -> str:
     """`eval` for the run's own eval split; `eval_<dataset>_<split>` for another, with the task's words for changed
     inference (a segmenter's `_multiscale`, `_flip`), so that they never mix."""
     dataset = os.path.basename(str(overrides.get("dataset", "")).rstrip("/").split(":")[-1])
     parts = [dataset, str(overrides.get("eval_split", ""))]
-    parts += task.eval_tags(overrides) if task is not None else []
+    parts += task.eval_tags(overrides)
     name = "_".join(filter(None, parts))
     return "eval_" + re.sub(r"[^A-Za-z0-9_]+", "_", name) if name else "eval"
 

@@ -8,6 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup.sh" dev
 # about 8 s a process (README "Development").
 unset PYTHONDONTWRITEBYTECODE
 apt_install dataset-fashion-mnist  # real images for the data and training tests
+apt_install slurm-wlm munge  # the live one-node SLURM cluster of tests/test_slurm_cluster.py
 ruff check .
 ruff format --check .
 python -m pytest -n "${MNV2_TEST_WORKERS:-2}" --dist loadgroup --durations=30 "$@"

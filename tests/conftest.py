@@ -108,6 +108,16 @@ REQUIREMENTS = {
         lambda: importlib.util.find_spec("sklearn") is not None,
         "pip install -e .[dev] (scripts/setup.sh does)",
     ),
+    "gcs_emulator": Requirement(
+        "the Cloud Storage emulator's packages (gcp-storage-emulator, trustme, google-cloud-storage)",
+        lambda: not __import__("gcs_emulator").missing_modules(),
+        "pip install -e .[dev] (scripts/setup.sh does)",
+    ),
+    "slurm": Requirement(
+        "SLURM and munge, whose daemons the live-cluster tests start (as root)",
+        lambda: __import__("slurm_cluster").missing() is None,
+        "apt-get install slurm-wlm munge (scripts/test.sh does, as root or through sudo)",
+    ),
 }
 
 

@@ -72,14 +72,16 @@ def kill_during_eval() -> None:
 def kill_during_checkpoint_write(step: int) -> None:
     from orbax.checkpoint._src.path import atomicity
 
-    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    # Orbax commits a local step by renaming its temporary directory, a gs:// one by writing commit_success.txt.
+    for temporary_path in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+        finalize = temporary_path.finalize
 
-    async def finalize_or_die(self):
-        if self._final_path.name == str(step):
-            die()
-        return await finalize(self)
+        async def finalize_or_die(self, finalize=finalize):
+            if self._final_path.name == str(step):
+                die()
+            return await finalize(self)
 
-    atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
+        temporary_path.finalize = finalize_or_die
 
 
 def main() -> int:

@@ -60,13 +60,20 @@ EXPECTED_SCRIPT = """\
 # Written by launch/slurm.py. To resume, submit it again (or rerun the command): training resumes from the
 # workdir's latest checkpoint.
 set -uo pipefail
-# On preemption SLURM may signal this shell too: wait for the tasks to checkpoint instead of dying first.
-trap 'echo "SIGTERM: waiting for the training processes to checkpoint" >&2' TERM
+# SLURM may signal this shell (preemption, scancel --full or --batch): it passes the signal on to the
+# training and waits for it to checkpoint.
+trap 'echo "SIGTERM or SIGUSR1: passed on to the training, which checkpoints and stops" >&2; [ -n "${{pid:-}}" ] \
+&& kill -s "$forward" "$pid" 2>/dev/null' TERM USR1
 cd {chdir}
 source .venv/bin/activate
 export MNV2_DISTRIBUTED=1
+forward=USR1  # srun turns a SIGTERM into SIGKILL of its tasks; it passes SIGUSR1 on
 srun --kill-on-bad-exit=1 mnv2 train --config configs/imagenet.py --workdir /shared/workdirs/imagenet \
-'--config.model.stage_expansion=(1,4,4,6,6,6,6)'
+'--config.model.stage_expansion=(1,4,4,6,6,6,6)' &
+pid=$!
+# a trapped signal ends `wait` early: wait again until the training has exited, then take its status
+while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
+wait "$pid"
 status=$?
 if [ "$status" -eq 143 ]; then
   echo "training checkpointed and stopped (preemption or time limit): requeueing job $SLURM_JOB_ID; its rerun \
@@ -278,12 +285,12 @@ def test_bad_local_device_ids_are_a_user_error_naming_the_variable(monkeypatch, 
 # SLURM: the script's behaviour, run with bash and stub srun/scontrol
 
 
-def run_script(tmp_path, job_: slurm.SlurmJob, srun_body: str, scontrol_status: int = 0, **env: str):
+def run_script(tmp_path, job_: slurm.SlurmJob, srun_body: str, scontrol_status: int = 0, command=TRAIN, **env: str):
     bin_dir = tmp_path / "bin"
     stub(bin_dir, "srun", srun_body)
     stub(bin_dir, "scontrol", f'printf "%s\\n" "$@" > "$STUB_DIR/scontrol.args"\nexit {scontrol_status}\n')
     script = tmp_path / "job.sbatch"
-    script.write_text(slurm.sbatch_script(job_, TRAIN, str(tmp_path)))
+    script.write_text(slurm.sbatch_script(job_, command, str(tmp_path)))
     variables = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "777",
                  "STUB_DIR": str(tmp_path), **env}  # fmt: skip
     return subprocess.run(["bash", str(script)], env=variables, capture_output=True, text=True, timeout=30)
@@ -317,13 +324,34 @@ def test_sbatch_script_requeues_only_a_preempted_run(
         assert scontrol.read_text().splitlines() == ["requeue", "777"]
 
 
-def test_sbatch_script_waits_for_the_tasks_when_its_own_shell_gets_sigterm(tmp_path):
-    # Preemption can signal the batch shell as well as the tasks: the shell must outlive srun and requeue.
-    srun = SRUN + "kill -TERM $PPID\nsleep 0.3\nexit 143\n"
-    done = run_script(tmp_path, slurm.SlurmJob(job_name="j"), srun)
+# A stand-in for the training (or for srun and its tasks): checkpoints and exits 143 on SIGTERM or SIGUSR1 (as the
+# trainer does), after signalling the batch shell as a preemption or `scancel --batch` would.
+TRAINING = (
+    "trap 'echo TERM > \"$STUB_DIR/signal\"; exit 143' TERM; trap 'echo USR1 > \"$STUB_DIR/signal\"; exit 143' USR1; "
+    "kill -TERM $PPID; sleep 10 & wait; exit 1"
+)
+
+
+@pytest.mark.parametrize("nodes, forwarded", [(1, "TERM"), (2, "USR1")])
+def test_sbatch_script_passes_its_own_sigterm_on_and_requeues(tmp_path, nodes, forwarded):
+    """SLURM can signal the batch shell alone (`scancel --batch`, `--signal=B:...`): it passes the signal on, as
+    SIGTERM to a single process it runs itself, as SIGUSR1 to srun (which would turn a SIGTERM into SIGKILL of its
+    tasks), waits for the training and requeues."""
+    if nodes == 1:  # the training runs in the batch step; srun only starts the signal relay
+        command, srun = ["bash", "-c", TRAINING], SRUN
+    else:
+        command, srun = TRAIN, TRAINING
+    done = run_script(tmp_path, slurm.SlurmJob(job_name="j", nodes=nodes), srun, command=command)
     assert done.returncode == 0, done.stderr
-    assert "SIGTERM: waiting for the training processes to checkpoint" in done.stderr
+    assert "SIGTERM or SIGUSR1: passed on to the training" in done.stderr
+    assert (tmp_path / "signal").read_text().strip() == forwarded
     assert (tmp_path / "scontrol.args").read_text().splitlines() == ["requeue", "777"]
+    if nodes == 1:
+        srun_args = (tmp_path / "srun.args").read_text().splitlines()
+        assert (
+            srun_args[:4] == ["--overlap", "--ntasks=1", "bash", "-c"]
+            and "MNV2_DISTRIBUTED=\n" in (tmp_path / "srun.env").read_text()
+        )
 
 
 # SLURM: submission with a stub sbatch

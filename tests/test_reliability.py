@@ -377,3 +377,29 @@ def test_a_spot_pod_preempted_twice_recovers_and_ends_as_the_uninterrupted_run(f
     (last, resumed), (_, expected) = saved_state(workdir), saved_state(uninterrupted)
     assert last == 6
     assert_bitwise_equal(resumed, expected)
+
+
+@pytest.mark.parametrize(
+    "previous, start, step, stops",
+    [
+        ([], 0, 1, False),  # the first session stopped in its first step: resumed once
+        ([(0, 1)], 1, 2, True),  # and again: a time limit shorter than start-up and compilation
+        ([(0, 5)], 5, 6, False),  # the session before trained 5 steps
+        ([(0, 1)], 1, 3, False),  # this one trained 2
+        ([(0, 1)], 3, 4, False),  # another session (SIGKILLed, or the checkpoint of a later one) came in between
+        ([(0, 1), (1, 2)], 2, 9, False),
+    ],
+)
+def test_two_sessions_in_a_row_stopped_in_their_first_step_stop_the_run(tmp_path, previous, start, step, stops):
+    from mnv2_jax.training import preemption
+
+    records = [{"start_step": a, "step": b, "time": 0.0} for a, b in previous]
+    expected = preemption.NoProgressError if stops else preemption.Preempted
+    with pytest.raises(expected) as raised:
+        preemption.stop(str(tmp_path), records, start, step)
+    if stops:
+        assert f"(steps {previous[-1][0]}->{previous[-1][1]}, {start}->{step})" in str(raised.value)
+        assert "time limit (sbatch --time)" in str(raised.value) and "\n" not in str(raised.value)
+    written = json.loads((tmp_path / preemption.PREEMPTIONS_FILE).read_text())
+    assert [(r["start_step"], r["step"]) for r in written] == [*previous, (start, step)]
+    assert preemption.previous_preemptions(str(tmp_path)) == written

@@ -7,7 +7,7 @@ SLURM_NTASKS, the process id SLURM_PROCID, and the GPU JAX takes is SLURM_LOCALI
 
 `--signal=TERM@S` makes SLURM send SIGTERM to every task S seconds before the time limit: the trainer checkpoints
 the current step and exits with status 143; the script then requeues the job, whose rerun of the same command
-resumes from that checkpoint.
+resumes from that checkpoint. A single process runs without srun (see `sbatch_script`).
 """
 
 from __future__ import annotations
@@ -149,23 +149,68 @@ def sbatch_options(job: SlurmJob, chdir: str) -> list[str]:
     return options + list(job.extra_sbatch)
 
 
+def runs_one_process(job: SlurmJob) -> bool:
+    """Whether the job is a single process, which the batch script runs itself (no distributed set-up)."""
+    return job.nodes == 1 and tasks_per_node(job) == 1
+
+
+# A one-task job step that passes the signals SLURM sends to job steps (`scancel --signal`, the time limit's
+# `--signal`, preemption) on to a process of the batch step, $0, and ends with it.
+SIGNAL_RELAY = (
+    'trap "kill -s TERM $0" TERM; trap "kill -s USR1 $0" USR1; while kill -0 $0 2>/dev/null; do sleep 1 & wait $!; done'
+)
+
+
+def _launch_lines(job: SlurmJob, command: list[str]) -> list[str]:
+    """The lines that start the training in the background as $pid, and the signal its process(es) get from a
+    SIGTERM or SIGUSR1 to the batch shell."""
+    if runs_one_process(job):
+        return [
+            "forward=TERM",
+            f"{shlex.join(command)} &",
+            "pid=$!",
+            "# job steps' signals reach the training through this step (it runs in the batch step, not in a job step)",
+            f'srun --overlap --ntasks=1 bash -c {shlex.quote(SIGNAL_RELAY)} "$pid" &',
+        ]
+    lines_ = [f"export {DISTRIBUTED_ENV}=1"]
+    if job.processes == "per_node" and job.gpus_per_node:
+        lines_.append(f"export {LOCAL_DEVICE_IDS_ENV}={','.join(str(i) for i in range(job.gpus_per_node))}")
+    return [
+        *lines_,
+        "forward=USR1  # srun turns a SIGTERM into SIGKILL of its tasks; it passes SIGUSR1 on",
+        f"srun --kill-on-bad-exit=1 {shlex.join(command)} &",
+        "pid=$!",
+    ]
+
+
 def sbatch_script(job: SlurmJob, command: Sequence[str], chdir: str) -> str:
-    """The batch script that runs `command` as `job`'s processes from directory `chdir`."""
+    """The batch script that runs `command` as `job`'s processes from directory `chdir`.
+
+    A single process runs in the batch step itself, with a job step that relays the signals of job steps to it, so
+    that every way SLURM signals a job (steps only, `scancel --full`, `scancel --batch`) reaches it as SIGTERM.
+    Several are started by srun, which turns a SIGTERM it receives itself (`scancel --full --signal=TERM`) into
+    SIGKILL of its tasks but passes SIGUSR1 on (the trainer treats it as SIGTERM): this shell forwards what it gets
+    to srun as SIGUSR1.
+    """
     command = check_command(command)
     lines_ = ["#!/bin/bash", *(f"#SBATCH {option}" for option in sbatch_options(job, chdir))]
     lines_ += [
         f"# Written by {PROG}. To resume, submit it again (or rerun the command): training resumes from the",
         "# workdir's latest checkpoint.",
         "set -uo pipefail",
-        "# On preemption SLURM may signal this shell too: wait for the tasks to checkpoint instead of dying first.",
-        "trap 'echo \"SIGTERM: waiting for the training processes to checkpoint\" >&2' TERM",
+        "# SLURM may signal this shell (preemption, scancel --full or --batch): it passes the signal on to the",
+        "# training and waits for it to checkpoint.",
+        'trap \'echo "SIGTERM or SIGUSR1: passed on to the training, which checkpoints and stops" >&2;'
+        ' [ -n "${pid:-}" ] && kill -s "$forward" "$pid" 2>/dev/null\' TERM USR1',
         f"cd {shlex.quote(chdir)}",
         *job.setup,
-        f"export {DISTRIBUTED_ENV}=1",
+        *_launch_lines(job, list(command)),
+        "# a trapped signal ends `wait` early: wait again until the training has exited, then take its status",
+        'while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done',
+        'wait "$pid"',
+        "status=$?",
+        *(["wait  # for the signal relay, which ends with the training"] if runs_one_process(job) else []),
     ]
-    if job.processes == "per_node" and job.gpus_per_node:
-        lines_.append(f"export {LOCAL_DEVICE_IDS_ENV}={','.join(str(i) for i in range(job.gpus_per_node))}")
-    lines_ += [f"srun --kill-on-bad-exit=1 {shlex.join(command)}", "status=$?"]
     if job.requeue:
         lines_ += [
             f'if [ "$status" -eq {PREEMPTED_EXIT_STATUS} ]; then',

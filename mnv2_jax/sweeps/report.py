@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import os
 import statistics
@@ -197,7 +198,7 @@ def plot_metric_vs_macs(sweep: spec.Sweep, rows: Sequence[Mapping[str, Any]], me
     if by:
         axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    _save_figure(figure, path)
     plt.close(figure)
     return series
 
@@ -226,9 +227,16 @@ def plot_metric_vs_step(
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    _save_figure(figure, path)
     plt.close(figure)
     return series
+
+
+def _save_figure(figure, path: str) -> None:
+    """A PNG of `figure` at `path`, local or `gs://` (through `etils.epath`)."""
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=110)
+    epath.Path(path).write_bytes(png.getvalue())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,19 +252,19 @@ def write(sweep: spec.Sweep, out_dir: str | None = None) -> Report:
     """Writes the CSV, the Markdown table and the two plots into `<root>/<sweep>/report/`."""
     metric, rows, histories = collect(sweep)
     out_dir = out_dir or os.path.join(sweep.root, REPORT_DIR)
-    os.makedirs(out_dir, exist_ok=True)
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)  # a gs:// root stays a URI (not a local folder gs:/...)
     paths = {name: os.path.join(out_dir, name) for name in (CSV_FILE, MARKDOWN_FILE, MACS_PLOT, STEPS_PLOT)}
     columns = _columns(rows)
-    with open(paths[CSV_FILE], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows([{c: ("" if row.get(c) is None else row.get(c)) for c in columns} for row in rows])
-    with open(paths[MARKDOWN_FILE], "w") as f:
-        f.write(f"# Sweep `{sweep.name}` ({sweep.path}): {len(rows)} runs, metric `{metric}`\n\n")
-        f.write(markdown_table(rows))
-        seeds = over_seeds(sweep, rows, metric)
-        if seeds:
-            f.write(f"\n## Over seeds\n\n{markdown_table(seeds)}")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows([{c: ("" if row.get(c) is None else row.get(c)) for c in columns} for row in rows])
+    epath.Path(paths[CSV_FILE]).write_text(table.getvalue())
+    markdown = f"# Sweep `{sweep.name}` ({sweep.path}): {len(rows)} runs, metric `{metric}`\n\n" + markdown_table(rows)
+    seeds = over_seeds(sweep, rows, metric)
+    if seeds:
+        markdown += f"\n## Over seeds\n\n{markdown_table(seeds)}"
+    epath.Path(paths[MARKDOWN_FILE]).write_text(markdown)
     macs_series = plot_metric_vs_macs(sweep, rows, metric, paths[MACS_PLOT])
     step_series = plot_metric_vs_step(sweep, histories, metric, paths[STEPS_PLOT])
     return Report(metric, rows, paths, macs_series, step_series)

@@ -92,12 +92,12 @@ def save(
 
 def item_names(workdir: str, step: int) -> set[str]:
     """The items stored in checkpoint `step` (e.g. params, batch_stats, opt_state, ema_params, config)."""
-    path = os.path.join(checkpoint_dir(workdir), str(step))
-    return {name for name in os.listdir(path) if os.path.isdir(os.path.join(path, name))}
+    path = epath.Path(checkpoint_dir(workdir)) / str(step)  # epath: a gs:// workdir is not a local folder
+    return {child.name for child in path.iterdir() if child.is_dir()}
 
 
 def latest_step(workdir: str) -> int | None:
-    if not os.path.isdir(checkpoint_dir(workdir)):
+    if not epath.Path(checkpoint_dir(workdir)).is_dir():
         return None
     with manager(workdir, items=()) as mngr:
         return mngr.latest_step()

@@ -5,6 +5,7 @@ Only process 0 writes; the others get a writer that drops everything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -46,7 +47,10 @@ class JsonlWriter(NullWriter):
     """Appends one JSON object per `write_scalars` call: `{"step": N, "train/loss": ..., ...}`."""
 
     def __init__(self, path: str):
-        self._file = epath.Path(path).open("a")  # closed in close(); a gs:// file is rewritten at each flush
+        # For gs:// epath opens through TensorFlow's file system, whose `open` is a context manager, not a file;
+        # closed in close(). A gs:// file is rewritten at each flush (objects cannot be appended to).
+        self._files = contextlib.ExitStack()
+        self._file = self._files.enter_context(epath.Path(path).open("a"))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
@@ -60,7 +64,7 @@ class JsonlWriter(NullWriter):
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        self._files.close()
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:

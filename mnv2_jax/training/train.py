@@ -297,7 +297,7 @@ def train_and_evaluate(
     if finished and jax.process_index() == 0:
         run_files.write_finished(workdir, step, session.seconds_before + time.time() - started)
     if jax.process_index() == 0:
-        logging.info("TensorBoard logs: %s", os.path.join(os.path.abspath(workdir), "tensorboard"))
+        logging.info("TensorBoard logs: %s", os.path.join(run_files.absolute(workdir), "tensorboard"))
     return last_eval
 
 
@@ -318,9 +318,11 @@ def _train_steps(session: Session, state: steps.TrainState) -> tuple[int, dict[s
     last_eval: dict[str, float] = {}
     pending: list[dict[str, jax.Array]] = []
     unchecked: list[tuple[int, jax.Array]] = []  # (step, non-finite flag) not yet looked at on the host
-    logging.info("training steps %d..%d of %d", session.start_step + 1, plan.total_steps, plan.total_steps)
     step, lost_process = session.start_step, False
+    preempted_before = preemption.previous_preemptions(workdir)  # read by every process before process 0 writes
     with preemption.PreemptionNotice() as notice:
+        notice.start(session.start_step, mngr)
+        logging.info("training steps %d..%d of %d", session.start_step + 1, plan.total_steps, plan.total_steps)
         try:
             for step in range(session.start_step + 1, plan.total_steps + 1):
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -344,7 +346,7 @@ def _train_steps(session: Session, state: steps.TrainState) -> tuple[int, dict[s
                 if checkpoint_now:
                     session.save(step, state, last_eval if evaluate_now else None)
                 if preempted:
-                    raise preemption.Preempted(step, checkpoint.checkpoint_dir(workdir))
+                    preemption.stop(workdir, preempted_before, session.start_step, step)
         except jax.errors.JaxRuntimeError as e:
             if not distributed.is_lost_process(e):
                 raise

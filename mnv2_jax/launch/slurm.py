@@ -1,13 +1,14 @@
 """SLURM: an sbatch script that runs one command as a multi-process JAX job (one process per GPU or per node).
 
-Every task gets `MNV2_DISTRIBUTED=1`, so `jax.distributed.initialize()` reads the rest from SLURM's variables:
-the coordinator is the first node of SLURM_STEP_NODELIST (port derived from SLURM_JOB_ID), the process count is
-SLURM_NTASKS, the process id SLURM_PROCID, and the GPU JAX takes is SLURM_LOCALID (one process per GPU), or those of
-`MNV2_LOCAL_DEVICE_IDS` (one process per node owning all its GPUs).
+Every task of a multi-process job (started by srun) gets `MNV2_DISTRIBUTED=1`, so `jax.distributed.initialize()`
+reads the rest from SLURM's variables: the coordinator is the first node of SLURM_STEP_NODELIST (port derived from
+SLURM_JOB_ID), the process count is SLURM_NTASKS, the process id SLURM_PROCID, and the GPU JAX takes is
+SLURM_LOCALID (one process per GPU), or those of `MNV2_LOCAL_DEVICE_IDS` (one process per node owning all its GPUs).
 
 `--signal=TERM@S` makes SLURM send SIGTERM to every task S seconds before the time limit: the trainer checkpoints
 the current step and exits with status 143; the script then requeues the job, whose rerun of the same command
-resumes from that checkpoint. A single process runs without srun (see `sbatch_script`).
+resumes from that checkpoint. A single process runs in the batch step itself, without srun (see `sbatch_script` for
+how each of SLURM's ways of signalling a job reaches the training).
 """
 
 from __future__ import annotations

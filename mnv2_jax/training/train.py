@@ -167,7 +167,8 @@ def restore_train_state(workdir: str, trainer: Trainer, mesh: jax.sharding.Mesh,
     abstract = jax.eval_shape(trainer.create_state, jax.random.key(0))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
     _, items = checkpoint.restore(workdir, state_items(abstract), step)
-    return abstract.replace(step=jax.numpy.asarray(step, jax.numpy.int32), **items)
+    step_array = jax.device_put(np.asarray(step, np.int32), replicated)  # a host scalar would compile a 2nd step
+    return abstract.replace(step=step_array, **items)
 
 
 @dataclasses.dataclass(frozen=True)

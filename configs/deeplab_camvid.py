@@ -1,9 +1,7 @@
 """Mobile DeepLabv3 on CamVid (11 road-scene classes, PASCAL VOC layout, train/val): a recipe for a CPU.
 
-    mnv2 import --from tflite ../shared/data/coral/mobilenet_v2_1.0_224_quant.tflite \
-        --config configs/imagenet.py:num_classes=1001 --workdir workdirs/imagenet_backbone
     mnv2 train --config configs/deeplab_camvid.py --workdir workdirs/camvid \
-        --config.init_from=workdirs/imagenet_backbone
+        --config.init_from=coral_mobilenet_v2_1.0_224_quant  # the authors' ImageNet model, by name
     mnv2 eval --workdir workdirs/camvid
 
 From scratch: `configs/deeplab_camvid.py:from_scratch=True` and no `init_from`.
@@ -66,7 +64,7 @@ def get_config(arg=None):
     config.segmentation.head_bn_momentum = 0.9
     # From an imported backbone (folded batch norm: stored statistics 0/1) and batches of 8, the backbone's batch
     # norms keep their statistics, as DeepLab fine-tunes below a batch of 12; from scratch they must learn them.
-    config.segmentation.fine_tune_batch_norm = arg.from_scratch
+    config.fine_tune.frozen_batch_norm = () if arg.from_scratch else ("backbone",)
 
     config.batch_size = 8
     config.eval_batch_size = 8

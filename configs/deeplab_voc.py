@@ -8,30 +8,7 @@ Width 0.5 follows DeepLab's released `dm05` models, which turn channel rounding 
 """
 
 from mnv2_jax.config import base_config, parse_arg
-
-VOC_CLASSES = (
-    "background",
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
+from mnv2_jax.data.voc import PASCAL_CLASSES as VOC_CLASSES
 
 
 def get_config(arg=None):

@@ -1,9 +1,7 @@
 """MobileNetV2 + SSDLite on BCCD (blood cells: RBC, WBC, Platelets; PASCAL VOC layout, 640x480): a recipe for a CPU.
 
-    mnv2 import --from tflite ../shared/data/coral/mobilenet_v2_1.0_224_quant.tflite \
-        --config configs/imagenet.py:num_classes=1001 --workdir workdirs/imagenet_backbone
     mnv2 train --config configs/ssdlite_bccd.py --workdir workdirs/bccd \
-        --config.init_from=workdirs/imagenet_backbone
+        --config.init_from=coral_mobilenet_v2_1.0_224_quant  # the authors' ImageNet model, by name
     mnv2 eval --workdir workdirs/bccd
 
 From scratch: the same command without `--config.init_from`.
@@ -52,7 +50,7 @@ def get_config(arg=None):
     # The backbone's batch norms learn their statistics, from an imported backbone too (batches of 16): with the
     # imported folded statistics (0/1) kept, as the CamVid recipe does, the backbone's features collapsed to the
     # same output for every image within 20 epochs (docs/detection.md).
-    det.fine_tune_batch_norm = True
+    config.fine_tune.frozen_batch_norm = ()
 
     config.batch_size = 16
     config.eval_batch_size = 24

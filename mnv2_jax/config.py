@@ -28,6 +28,7 @@ from mnv2_jax.models.layers import (
     REGULAR_CONV_IMPLEMENTATIONS,
 )
 from mnv2_jax.models.mobilenet_v2 import BLOCK_STAGES, OUTPUT_STRIDES, RESIDUAL_MODES, stage_repeats
+from mnv2_jax.training import fine_tune
 
 __all__ = ["ConfigError", "base_config", "from_dict", "parse_arg", "to_dict", "validate"]
 
@@ -57,6 +58,7 @@ def base_config(convention: str = "tf", task: str = "classification") -> ml_coll
     config.model = model_config(convention)
     add_data_source(config)
     add_training(config)
+    fine_tune.add_config(config)
     tasks.task_type(task).configure(config)
     return config
 
@@ -120,6 +122,9 @@ def add_training(config: ml_collections.ConfigDict) -> None:
     config.eval_batch_size = 200
     config.num_epochs = 300.0
     config.num_train_steps = config_dict.placeholder(int)  # overrides num_epochs when set
+    # k > 1: each step runs batch_size // k examples at a time, k times, and applies one update of their mean
+    # gradient (less activation memory; batch norm per micro-batch). docs/training.md, "Gradient accumulation".
+    config.accumulate_steps = 1
 
     opt = config.optimizer = ml_collections.ConfigDict()
     opt.name = "rmsprop"
@@ -144,7 +149,7 @@ def add_training(config: ml_collections.ConfigDict) -> None:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3  # the last K, plus the best by the task's eval metric
     config.profile_steps = 0  # > 0: write a profile of that many steps after the first log interval
-    config.init_from = config_dict.placeholder(str)  # workdir whose latest params initialise this run
+    config.init_from = config_dict.placeholder(str)  # a workdir, or weights by name (`mnv2 import --list`)
     # A NaN/Inf loss or gradient never updates the state; "stop" ends the run naming the step (before any
     # checkpoint of a later step), "skip" drops that update and goes on (counted in train/nonfinite).
     config.on_nonfinite = "stop"
@@ -189,6 +194,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     task.validate_config(config)
     if "optimizer" in config:
         validate_training(config)
+        fine_tune.validate(config.fine_tune)
         task.validate_data(config)
 
 
@@ -263,6 +269,13 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"dataset must be a TFDS name, 'imagefolder:<root>' or 'voc:<root>', got {config.dataset!r}")
     for field in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         check_positive(field, config[field])
+    check_positive("accumulate_steps", config.accumulate_steps)
+    if config.batch_size % config.accumulate_steps:
+        divisors = [k for k in range(1, config.batch_size + 1) if config.batch_size % k == 0]
+        raise ConfigError(
+            f"accumulate_steps={config.accumulate_steps} must divide batch_size={config.batch_size} (the micro-batches "
+            f"are equal); use one of {divisors}"
+        )
     check_positive("num_epochs", config.num_epochs, float)
     if config.num_train_steps is not None:
         check_positive("num_train_steps", config.num_train_steps)
@@ -324,6 +337,7 @@ def flatten(config: ml_collections.ConfigDict) -> dict[str, bool | int | float |
 def from_dict(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """Rebuilds a config saved with `to_dict`, on top of its task's `base_config` so new fields get defaults; the
     sections and `data.*` fields of other tasks (which configs saved before tasks owned them carry) are left out."""
+    data = _migrated(data)
     task = data.get("task", "classification")
     config = base_config("tf", task)
     foreign_sections, foreign_data = _other_tasks_fields(task)
@@ -340,6 +354,16 @@ def from_dict(data: Mapping[str, Any]) -> ml_collections.ConfigDict:
 
     merge(config, data, foreign_sections)
     return config
+
+
+def _migrated(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config with the fields since renamed: the dense tasks' `fine_tune_batch_norm=False` is
+    `fine_tune.frozen_batch_norm=("backbone",)`."""
+    data = json.loads(json.dumps(data))
+    for section in ("segmentation", "detection"):
+        if data.get(section, {}).pop("fine_tune_batch_norm", True) is False:
+            data.setdefault("fine_tune", {})["frozen_batch_norm"] = [fine_tune.BACKBONE]
+    return data
 
 
 def _other_tasks_fields(task: str) -> tuple[set[str], set[str]]:

@@ -78,7 +78,7 @@ def classifier_workdir(tmp_path_factory, voc_root):
     """A classifier of the same backbone (5 classes), written as `mnv2 import` writes one."""
     from configs_loader import load
 
-    from mnv2_jax.cli.import_weights import write_workdir
+    from mnv2_jax.weights.pretrained import write_workdir
 
     config = load(*segmentation_args(f"voc:{voc_root}", **{"model.num_classes": 5})[1:])
     config.task = "classification"

@@ -43,28 +43,28 @@ def tiny_config(bn_group_size=None, stage_repeats=SHALLOW_STAGES, task="classifi
     return config
 
 
-def fixed_batch(config) -> dict[str, np.ndarray]:
-    """One global batch: images and the task's targets (a label per image; per pixel with a tenth of the pixels
-    ignored; or up to 5 boxes per image, padded to `detection.max_boxes`)."""
+def fixed_batch(config, size: int = BATCH) -> dict[str, np.ndarray]:
+    """One global batch of `size` images and the task's targets (a label per image; per pixel with a tenth of the
+    pixels ignored; or up to 5 boxes per image, padded to `detection.max_boxes`)."""
     rng = np.random.default_rng(0)
-    images = rng.uniform(-1, 1, (BATCH, config.resolution, config.resolution, 3))
+    images = rng.uniform(-1, 1, (size, config.resolution, config.resolution, 3))
     if config.task == "segmentation":
-        labels = rng.integers(0, 10, (BATCH, config.resolution, config.resolution)).astype(np.int32)
+        labels = rng.integers(0, 10, (size, config.resolution, config.resolution)).astype(np.int32)
         labels[rng.uniform(size=labels.shape) < 0.1] = 255
         return {"image": images, "label": labels}
     if config.task == "detection":
         max_boxes = config.detection.max_boxes
-        corners = np.sort(rng.uniform(0, 1, (BATCH, max_boxes, 2, 2)), axis=2)
-        counts = rng.integers(0, 6, BATCH)
+        corners = np.sort(rng.uniform(0, 1, (size, max_boxes, 2, 2)), axis=2)
+        counts = rng.integers(0, 6, size)
         box_mask = np.arange(max_boxes)[None] < counts[:, None]
         return {
             "image": images,
             "boxes": np.concatenate([corners[:, :, 0], corners[:, :, 1]], -1) * box_mask[..., None],
-            "classes": rng.integers(0, config.model.num_classes, (BATCH, max_boxes)).astype(np.int32) * box_mask,
+            "classes": rng.integers(0, config.model.num_classes, (size, max_boxes)).astype(np.int32) * box_mask,
             "box_mask": box_mask,
             "crowd": np.zeros_like(box_mask),
         }
-    return {"image": images, "label": rng.integers(0, 10, BATCH).astype(np.int32)}
+    return {"image": images, "label": rng.integers(0, 10, size).astype(np.int32)}
 
 
 def _trainer(config, mesh):

@@ -11,7 +11,7 @@ trains the recipe 50 epochs to choose the length (val every 10 epochs). Results:
 """
 
 # The release: class scores start at 1/2 (a zero bias, as class_prior=None), the backbone's batch norms kept.
-RELEASE = {"detection.class_prior": 0.5, "detection.fine_tune_batch_norm": False}
+RELEASE = {"detection.class_prior": 0.5, "fine_tune.frozen_batch_norm": ("backbone",)}
 
 
 def get_sweep():
@@ -26,19 +26,19 @@ def get_sweep():
         "variants": [
             {"name": "kept_bn", **RELEASE},
             {"name": "kept_bn_lr5e-4", **RELEASE, "optimizer.learning_rate": 5e-4},
-            {"name": "learned_bn", **RELEASE, "detection.fine_tune_batch_norm": True},
+            {"name": "learned_bn", **RELEASE, "fine_tune.frozen_batch_norm": ()},
             {
                 "name": "learned_bn_fitted_anchors",
                 **RELEASE,
-                "detection.fine_tune_batch_norm": True,
+                "fine_tune.frozen_batch_norm": (),
                 "detection.min_scale": 0.14,
                 "detection.max_scale": 0.6,
             },
-            {"name": "learned_bn_prior", "detection.class_prior": 0.01, "detection.fine_tune_batch_norm": True},
+            {"name": "learned_bn_prior", "detection.class_prior": 0.01, "fine_tune.frozen_batch_norm": ()},
             {
                 "name": "learned_bn_prior_50_epochs",
                 "detection.class_prior": 0.01,
-                "detection.fine_tune_batch_norm": True,
+                "fine_tune.frozen_batch_norm": (),
                 "num_epochs": 50.0,
                 "eval_every_epochs": 10.0,
             },

@@ -16,7 +16,7 @@ def main(argv: list[str]) -> None:
     flags.DEFINE_string("workdir", None, "workdir holding the checkpoint", flag_values=fv)
     flags.DEFINE_integer("checkpoint", None, "checkpoint step (default: the latest)", flag_values=fv)
     flags.DEFINE_enum("format", None, routes.FORMATS, "what to write", flag_values=fv)
-    flags.DEFINE_string("out", None, "output file (a directory for savedmodel)", flag_values=fv)
+    flags.DEFINE_string("out", None, "output file (a directory for savedmodel and hf-hub)", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "replace an existing output", flag_values=fv)
     flags.DEFINE_enum(
         "torch_layout",
@@ -52,6 +52,8 @@ def main(argv: list[str]) -> None:
     routes.check_before_export(config, fv.format, fv.out, options)
     config, _, variables = inference.load_model(fv.workdir, step)
     source = {"workdir": fv.workdir, "step": step}
-    routes.export(config, variables, fv.format, fv.out, options, source)
+    metadata = routes.export(config, variables, fv.format, fv.out, options, source)
     print(f"exported {fv.workdir} (step {step}) as {fv.format} -> {fv.out}")
     print(f"metadata -> {routes.metadata_path(fv.out)}")
+    if "upload" in metadata:
+        print(f"upload with: {metadata['upload']}")

@@ -114,9 +114,9 @@ def import_tensors(
     if missing or unexpected:
         lines = [f"{source} does not match the configured model:"]
         if missing:
-            lines.append(f"  missing ({len(missing)}): {_listing(missing)}")
+            lines.append(f"  missing ({len(missing)}): {listing(missing)}")
         if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {_listing(unexpected)}")
+            lines.append(f"  unexpected ({len(unexpected)}): {listing(unexpected)}")
         if not expected & tensors.keys():
             lines.append("  no name matches: the file is another framework's layout (check --from)")
         lines.append("check model.width and model.num_classes, and that the file is a MobileNetV2 of this layout")
@@ -148,7 +148,8 @@ def import_tensors(
 _MAX_LISTED = 12
 
 
-def _listing(names: list[str], limit: int = _MAX_LISTED) -> str:
+def listing(names: list[str], limit: int = _MAX_LISTED) -> str:
+    """The first `limit` names, comma-separated, and how many more there are."""
     shown = ", ".join(names[:limit])
     return shown if len(names) <= limit else f"{shown}, ... ({len(names) - limit} more)"
 

@@ -23,6 +23,7 @@ from mnv2_jax.convert.layout import (
     KERNEL,
     Entry,
     Layer,
+    export_tensors,
 )
 from mnv2_jax.models.mobilenet_v2 import BLOCK_STAGES
 
@@ -103,6 +104,11 @@ def table(layers: list[Layer], layout: str) -> list[Entry]:
         else:
             entries += _conv_entries(layer, *_timm_names(layer))
     return entries
+
+
+def export_state_dict(variables: Mapping[str, Any], layers: list[Layer], layout: str) -> dict[str, np.ndarray]:
+    """Our variables as torchvision's or timm's state dict, with the BN counters a strict `load_state_dict` needs."""
+    return with_num_batches_tracked(export_tensors(variables, table(layers, layout)))
 
 
 def with_num_batches_tracked(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

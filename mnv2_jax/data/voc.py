@@ -32,6 +32,30 @@ with epy.lazy_imports():  # TensorFlow loads when an input pipeline first runs, 
     import tensorflow as tf
 
 PREFIX = "voc:"
+# PASCAL VOC 2012's 20 classes after the background, in its label order (class id = index).
+PASCAL_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 
 
 def colour_map(num_classes: int) -> np.ndarray:

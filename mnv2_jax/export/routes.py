@@ -21,7 +21,8 @@ from mnv2_jax.data import preprocessing
 from mnv2_jax.export import INPUT_NAME, OUTPUT_NAME
 from mnv2_jax.export.files import atomic_output, write_json
 
-FORMATS = ("tflite", "tflite-int8", "onnx", "savedmodel", "torch", "safetensors", "keras")  # each task: export_formats
+# Each task lists those it supports (`Task.export_formats`); hf-hub: `export.hf_hub`.
+FORMATS = ("tflite", "tflite-int8", "onnx", "savedmodel", "torch", "safetensors", "keras", "hf-hub")
 DEFAULT_CALIBRATION_IMAGES = 100
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -71,8 +72,8 @@ def check_before_export(config: ml_collections.ConfigDict, fmt: str, out: str, o
         raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
 
 
-def check_standard_architecture(model_config: ml_collections.ConfigDict, target: str) -> None:
-    """Other frameworks' MobileNetV2 has only the paper's architecture; name every field that departs from it."""
+def standard_architecture_departures(model_config: ml_collections.ConfigDict) -> list[str]:
+    """Every field by which `model_config` departs from the paper's MobileNetV2, as `model.<field>=... (needs ...)`."""
     expected = {
         "expansion": 6,
         "stage_expansion": None,
@@ -83,7 +84,12 @@ def check_standard_architecture(model_config: ml_collections.ConfigDict, target:
         "divisible_by": 8,
         "min_depth": 8,
     }
-    departures = [f"model.{k}={model_config[k]!r} (needs {v!r})" for k, v in expected.items() if model_config[k] != v]
+    return [f"model.{k}={model_config[k]!r} (needs {v!r})" for k, v in expected.items() if model_config[k] != v]
+
+
+def check_standard_architecture(model_config: ml_collections.ConfigDict, target: str) -> None:
+    """Other frameworks' MobileNetV2 has only the paper's architecture; name every field that departs from it."""
+    departures = standard_architecture_departures(model_config)
     if departures:
         raise ConversionError(f"{target} has only the standard MobileNetV2: " + ", ".join(departures))
 
@@ -161,13 +167,17 @@ def export(
         "class_names": _class_names(config, options.class_names),
         "config": config_lib.to_dict(config),
     }
-    metadata.update(_write(config, variables, fmt, out, options))
+    metadata.update(_write(config, variables, fmt, out, options, metadata))
     write_json(metadata_path(out), metadata, overwrite=True)
     return metadata
 
 
-def _write(config, variables, fmt: str, out: str, options: ExportOptions) -> dict[str, Any]:
+def _write(config, variables, fmt: str, out: str, options: ExportOptions, metadata: dict[str, Any]) -> dict[str, Any]:
     resolution, task = config.resolution, tasks.get(config)
+    if fmt == "hf-hub":
+        from mnv2_jax.export import hf_hub
+
+        return hf_hub.write(config, variables, out, options, metadata)
     model = task.export_model()
     apply_fn = task.export_function(model)
 
@@ -219,7 +229,7 @@ def _write(config, variables, fmt: str, out: str, options: ExportOptions) -> dic
 def _write_torch(config, variables, fmt, out, options, model) -> dict[str, Any]:
     layout = torch_layout(config, options)
     layers, _ = model_layers(model, config.resolution)
-    tensors = pytorch.with_num_batches_tracked(export_tensors(variables, pytorch.table(layers, layout)))
+    tensors = pytorch.export_state_dict(variables, layers, layout)
     with atomic_output(out, options.overwrite) as tmp:
         pytorch.save(tmp, tensors)
     width, classes = config.model.width, config.model.num_classes

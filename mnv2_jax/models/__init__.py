@@ -82,7 +82,6 @@ def build_segmenter(
     return MobileDeepLabV3(
         backbone,
         head,
-        fine_tune_batch_norm=segmentation.fine_tune_batch_norm,
         eval_scales=tuple(segmentation.eval_scales),
         eval_flip=segmentation.eval_flip,
     )
@@ -113,7 +112,7 @@ def build_detector(
         ),  # the extra layers' depths, as the API's feature extractor scales them
         feature_endpoints=endpoints,
     )
-    return SSDLite(backbone, head, fine_tune_batch_norm=detection.fine_tune_batch_norm)
+    return SSDLite(backbone, head)
 
 
 TaskModel = MobileNetV2 | MobileDeepLabV3 | SSDLite

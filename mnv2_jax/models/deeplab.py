@@ -103,9 +103,6 @@ class MobileDeepLabV3(BackboneWithHead):
 
     head: DeepLabHead
     align_corners: bool = True
-    # DeepLab's flag: False runs the backbone's batch norms on their stored statistics in training too (their
-    # scales and offsets still learn), as DeepLab advises below a batch of 12 and for folded imported weights.
-    fine_tune_batch_norm: bool = True
     # Inference only (DeepLab's eval_scales and add_flipped_images): the network runs on the input rescaled by each
     # scale, and on its mirror image too with `eval_flip`; the class probabilities are averaged.
     eval_scales: tuple[float, ...] = (1.0,)
@@ -121,7 +118,7 @@ class MobileDeepLabV3(BackboneWithHead):
         return tuple(self.eval_scales) != (1.0,) or self.eval_flip
 
     def _feature_logits(self, images: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-        features, endpoints = self.backbone(images, train and self.fine_tune_batch_norm)
+        features, endpoints = self.backbone(images, train)
         logits = self.head(features, train)
         return logits, {**endpoints, "features": features, "logits_features": logits}
 

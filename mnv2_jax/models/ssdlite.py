@@ -131,7 +131,6 @@ class SSDLite(BackboneWithHead):
     """
 
     head: SSDHead
-    fine_tune_batch_norm: bool = True  # False: the backbone's BN uses its stored statistics in training too
 
     @staticmethod
     def part_of(scope: str) -> str:
@@ -141,7 +140,7 @@ class SSDLite(BackboneWithHead):
         return "extra_layers" if scope.startswith("layer_19_") else "backbone"
 
     def __call__(self, images: jax.Array, train: bool = False) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-        _, endpoints = self.backbone(images, train and self.fine_tune_batch_norm)
+        _, endpoints = self.backbone(images, train)
         outputs, maps = self.head(endpoints, train)
         endpoints.update({f"feature_map_{i}": feature_map for i, feature_map in enumerate(maps)})
         return outputs, endpoints

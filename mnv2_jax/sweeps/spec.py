@@ -65,9 +65,11 @@ class Sweep:
 
 
 def format_value(value: Any) -> str:
-    """A value as `--config.FIELD=VALUE` takes it: tuples as `(1,4,4)`, everything else as Python prints it."""
+    """A value as `--config.FIELD=VALUE` takes it: tuples as `(1,4,4)` (their strings quoted: `('^Conv/',)`),
+    everything else as Python prints it."""
     if isinstance(value, list | tuple):
-        return "(" + ",".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+        items = [repr(v) if isinstance(v, str) else format_value(v) for v in value]
+        return "(" + ",".join(items) + ("," if len(value) == 1 else "") + ")"
     return str(value)
 
 

@@ -19,7 +19,8 @@ from mnv2_jax.evaluators import Evaluator
 with epy.lazy_imports():  # TensorFlow loads when an input pipeline first runs, not with the config
     import tensorflow as tf
 
-EXPORT_FORMATS = ("tflite", "tflite-int8", "onnx", "savedmodel")  # the formats whose graphs hold any model
+# The formats that hold any model: graphs, and the Hugging Face Hub folder (our Flax variables for non-timm models).
+EXPORT_FORMATS = ("tflite", "tflite-int8", "onnx", "savedmodel", "hf-hub")
 
 
 @dataclasses.dataclass(frozen=True)

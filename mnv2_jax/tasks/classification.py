@@ -15,7 +15,7 @@ from mnv2_jax import tasks
 from mnv2_jax.data import preprocessing
 from mnv2_jax.evaluators import SummedEvaluator
 from mnv2_jax.models import MobileNetV2, build_model
-from mnv2_jax.tasks.base import PredictOptions, Task
+from mnv2_jax.tasks.base import EXPORT_FORMATS, PredictOptions, Task
 
 with epy.lazy_imports():  # TensorFlow loads when an input pipeline first runs, not with the config
     import tensorflow as tf
@@ -81,7 +81,7 @@ class Classification(Task):
     features = ("image", "label")
     best_metric = "eval/top1"
     import_formats = ("tflite", "torch", "timm", "keras")
-    export_formats = ("tflite", "tflite-int8", "onnx", "savedmodel", "torch", "safetensors", "keras")
+    export_formats = (*EXPORT_FORMATS, "torch", "safetensors", "keras")
     export_meaning = "class logits; softmax gives the class probabilities"
 
     @classmethod

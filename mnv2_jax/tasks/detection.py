@@ -105,7 +105,6 @@ class Detection(Task):
         det.score_threshold = 1e-8  # post-processing: per-class NMS, then the best detections of an image
         det.nms_iou_threshold = 0.6
         det.max_detections = 100
-        det.fine_tune_batch_norm = True  # False: the backbone's BN keeps its stored statistics (small batches)
         # The initial score of every class at every anchor (the class logits' bias: RetinaNet's prior, 0.01 there);
         # None: 1/2 (bias 0), as released.
         det.class_prior = config_dict.placeholder(float)
@@ -135,7 +134,6 @@ class Detection(Task):
         checks.check_positive("detection.negatives_per_positive", det.negatives_per_positive, float)
         checks.check_range("detection.score_threshold", det.score_threshold, 0.0, 1.0)
         checks.check_range("detection.nms_iou_threshold", det.nms_iou_threshold, 0.0, 1.0, closed_high=True)
-        checks.check_choice("detection.fine_tune_batch_norm", det.fine_tune_batch_norm, (False, True))
         if det.class_prior is not None:
             checks.check_range("detection.class_prior", det.class_prior, 1e-6, 1.0)
         if config.eval_resolution not in (None, config.resolution):

@@ -144,7 +144,6 @@ class Segmentation(Task):
         seg.head_dropout_rate = 0.1
         seg.head_bn_momentum = 0.9997  # DeepLab's head batch norm (the backbone keeps model.bn_*)
         seg.head_bn_epsilon = 1e-5
-        seg.fine_tune_batch_norm = True  # False: the backbone's BN keeps its stored statistics (small batches)
         # Evaluation and predict (DeepLab's multi-scale inference): the input at each scale, plus mirrored with
         # eval_flip, class probabilities averaged; the paper's multi-scale row is (0.5, 0.75, ..., 1.75) with flips.
         seg.eval_scales = (1.0,)
@@ -176,7 +175,6 @@ class Segmentation(Task):
         checks.check_range("segmentation.head_dropout_rate", seg.head_dropout_rate, 0.0, 1.0)
         checks.check_range("segmentation.head_bn_momentum", seg.head_bn_momentum, 0.0, 1.0)
         checks.check_positive("segmentation.head_bn_epsilon", seg.head_bn_epsilon, float)
-        checks.check_choice("segmentation.fine_tune_batch_norm", seg.fine_tune_batch_norm, (False, True))
         checks.check_numbers("segmentation.eval_scales", seg.eval_scales, 0.1, 4)
         checks.check_choice("segmentation.eval_flip", seg.eval_flip, (False, True))
 

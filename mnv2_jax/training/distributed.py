@@ -119,6 +119,11 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def micro_batches_sharded(mesh: Mesh) -> NamedSharding:
+    """A batch split into micro-batches, (micro-batches, examples, ...): each micro-batch sharded on `data`."""
+    return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
 def mesh_process_count(mesh: Mesh) -> int:
     return len({d.process_index for d in mesh.devices.flat})
 

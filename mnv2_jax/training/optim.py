@@ -11,12 +11,14 @@ conv kernels and the logits kernel only: not depthwise kernels, BN or biases.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import ml_collections
 import optax
 
+from mnv2_jax.training import fine_tune
 from mnv2_jax.training.plan import Plan
 
 
@@ -38,27 +40,32 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, plan: Plan) -> opt
     return optax.join_schedules([warmup, main], [plan.warmup_steps])
 
 
-def weight_decay_mask(params: Any) -> Any:
-    """True for the kernels slim regularises: regular convs and the logits, not depthwise convs."""
+def weight_decay_mask(params: Any, excluded: tuple[str, ...] = ()) -> Any:
+    """True for the kernels slim regularises (regular convs and the logits, not depthwise convs), less the parameters
+    `excluded` patterns match (`fine_tune.no_weight_decay`)."""
+    is_excluded = fine_tune.matcher("fine_tune.no_weight_decay", excluded)
 
     def decays(path, _):
         keys = [getattr(k, "key", None) for k in path]
-        return keys[-1] == "kernel" and "depthwise" not in keys
+        name = "/".join(str(k) for k in keys)
+        return keys[-1] == "kernel" and "depthwise" not in keys and not is_excluded(name)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, plan: Plan) -> optax.GradientTransformation:
+    """The optimizer of `config.optimizer`, with `config.fine_tune`'s frozen parameters and multipliers."""
     opt = config.optimizer
     schedule = learning_rate_schedule(config, plan)
+    mask = functools.partial(weight_decay_mask, excluded=tuple(config.fine_tune.no_weight_decay))
     parts = []
     if opt.grad_clip_norm is not None:
         parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
     if opt.name == "adamw":  # decoupled decay, same mask
-        parts.append(optax.adamw(schedule, weight_decay=opt.weight_decay, mask=weight_decay_mask))
-        return optax.chain(*parts)
+        parts.append(optax.adamw(schedule, weight_decay=opt.weight_decay, mask=mask))
+        return fine_tune.apply(optax.chain(*parts), config.fine_tune)
     if opt.weight_decay:
-        parts.append(optax.add_decayed_weights(opt.weight_decay, mask=weight_decay_mask))
+        parts.append(optax.add_decayed_weights(opt.weight_decay, mask=mask))
     if opt.name == "rmsprop":
         parts.append(
             optax.rmsprop(
@@ -75,7 +82,7 @@ def make_optimizer(config: ml_collections.ConfigDict, plan: Plan) -> optax.Gradi
         )
     else:
         parts.append(optax.sgd(schedule, momentum=opt.momentum, nesterov=True))
-    return optax.chain(*parts)
+    return fine_tune.apply(optax.chain(*parts), config.fine_tune)
 
 
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:

@@ -21,6 +21,7 @@ class Plan:
     num_eval_examples: int
     batch_size: int  # global
     local_batch_size: int  # per process
+    micro_batch_size: int  # global: each of a step's `accumulate_steps` micro-batches (batch_size without them)
     eval_batch_size: int
     local_eval_batch_size: int
     steps_per_epoch: float
@@ -47,6 +48,20 @@ def check_divisible(field: str, value: int, device_count: int, process_count: in
         )
 
 
+def check_micro_batch(config: ml_collections.ConfigDict, device_count: int, process_count: int) -> int:
+    """The micro-batch of `accumulate_steps` must split evenly over devices and processes too; returns its size."""
+    k, batch, unit = config.accumulate_steps, config.batch_size, math.lcm(device_count, process_count)
+    micro = batch // k
+    if batch % k or micro % unit:
+        allowed = [d for d in range(1, batch + 1) if batch % d == 0 and batch // d % unit == 0]
+        raise ConfigError(
+            f"accumulate_steps={k} makes micro-batches of batch_size // accumulate_steps = {micro} examples, which "
+            f"must be divisible by the number of devices ({device_count}) and processes ({process_count}); "
+            f"use accumulate_steps in {allowed}"
+        )
+    return micro
+
+
 def make_plan(
     config: ml_collections.ConfigDict,
     num_train_examples: int,
@@ -56,6 +71,7 @@ def make_plan(
 ) -> Plan:
     check_divisible("batch_size", config.batch_size, device_count, process_count)
     check_divisible("eval_batch_size", config.eval_batch_size, device_count, process_count)
+    micro_batch_size = check_micro_batch(config, device_count, process_count)
     steps_per_epoch = num_train_examples / config.batch_size
     if config.num_train_steps is not None:
         total_steps = config.num_train_steps
@@ -67,6 +83,7 @@ def make_plan(
         num_eval_examples=num_eval_examples,
         batch_size=config.batch_size,
         local_batch_size=config.batch_size // process_count,
+        micro_batch_size=micro_batch_size,
         eval_batch_size=config.eval_batch_size,
         local_eval_batch_size=config.eval_batch_size // process_count,
         steps_per_epoch=steps_per_epoch,

@@ -33,6 +33,7 @@ from mnv2_jax.errors import UserError
 from mnv2_jax.training import checkpoint, distributed, metrics, optim, preemption, run_files, steps, transfer
 from mnv2_jax.training import plan as plan_lib
 from mnv2_jax.training.evaluation import evaluate, jit_eval_step
+from mnv2_jax.training.fine_tune import frozen_batch_norm
 
 STATE_ITEMS = ("params", "batch_stats", "opt_state", "ema_params")
 
@@ -138,15 +139,11 @@ def build_trainer(config: ml_collections.ConfigDict, plan: plan_lib.Plan, mesh: 
     schedule = optim.learning_rate_schedule(config, plan)
     dropout_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     replicated = distributed.replicated(mesh)
+    options = (config.accumulate_steps, distributed.micro_batches_sharded(mesh))
+    options += (functools.partial(frozen_batch_norm, config.fine_tune),)
+    step = steps.make_train_step(model, tx, schedule, task.loss, config.optimizer.ema_decay, dropout_rng, *options)
     train_step = jax.jit(
-        steps.make_train_step(
-            model,
-            tx,
-            schedule,
-            task.loss,
-            config.optimizer.ema_decay,
-            dropout_rng,
-        ),
+        step,
         in_shardings=(replicated, distributed.batch_sharded(mesh)),
         out_shardings=(replicated, replicated),
         donate_argnums=0,

@@ -37,9 +37,10 @@ def _changed(before, after) -> dict[str, bool]:
     }
 
 
-@pytest.mark.parametrize("task", ["classification", "segmentation"])
-def test_a_linear_probe_keeps_the_backbone_and_its_statistics_bitwise_and_trains_the_head(task):
-    config = tiny_config(task=task)
+def test_a_linear_probe_keeps_the_backbone_and_its_statistics_bitwise_and_trains_the_head():
+    """On a segmenter; on a classifier with real weights:
+    `tests/test_pretrained.py::test_a_linear_probe_from_a_name_trains_the_head_only`."""
+    config = tiny_config(task="segmentation")
     config.fine_tune.linear_probe = True
     changed = _changed(*_steps(config))
     backbone = [name for name in changed if name.split("/")[1].startswith(("Conv", "expanded_conv"))]

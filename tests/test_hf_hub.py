@@ -165,16 +165,17 @@ from mnv2_jax.convert import ConversionError
 from mnv2_jax.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 from mnv2_jax.weights import hf_hub
 
-found, cached, missing, out = sys.argv[1:]
+found, cached, missing, damaged, out = sys.argv[1:]
 print(hf_hub.resolve(found)[1])
 variables, config = hf_hub.load_variables(found)
 np.savez(out + ".npz", **traverse_util.flatten_dict(variables, sep="/"))
 with open(out + ".json", "w") as f:
     json.dump(config_lib.to_dict(config), f)
-try:
-    hf_hub.resolve(missing)
-except ConversionError as e:
-    print(e)
+for spec in (missing, damaged):
+    try:
+        hf_hub.resolve(spec)
+    except ConversionError as e:
+        print(e)
 """
 
 
@@ -186,19 +187,25 @@ def test_timm_repo_reads_offline_from_the_hub_cache_and_matches_timm(tmp_path):
     randomize_torch_bn(model)
     cache = tmp_path / "hub_cache"
     config_json = json.dumps(TIMM_HUB_CONFIG, indent=2).encode()
-    hub_cache_repo(cache, TIMM_REPO, {"config.json": config_json, "model.safetensors": save(model.state_dict())})
+    weights = save(model.state_dict())
+    hub_cache_repo(cache, TIMM_REPO, {"config.json": config_json, "model.safetensors": weights})
+    damaged = "timm/mobilenetv2_100.ra_in1k"  # its blob no longer has the content its SHA-256 name says
+    hub_cache_repo(cache, damaged, {"config.json": config_json, "model.safetensors": weights})
+    blob = cache / "models--timm--mobilenetv2_100.ra_in1k" / "blobs" / hashlib.sha256(weights).hexdigest()
+    blob.write_bytes(weights[:-1] + b" ")
     env = one_device_environment(
         optimized=False, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "hf_home")
     )
     missing = "hf-hub:timm/mobilenetv2_140.ra_in1k"
-    args = [f"hf-hub:{TIMM_REPO}", str(cache), missing, str(tmp_path / "loaded")]
+    args = [f"hf-hub:{TIMM_REPO}", str(cache), missing, f"hf-hub:{damaged}", str(tmp_path / "loaded")]
     run = subprocess.run(
         [sys.executable, "-c", OFFLINE, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stderr
-    path, error, *rest = run.stdout.strip().splitlines()
+    path, error, damaged_error, *rest = run.stdout.strip().splitlines()
     assert path.startswith(str(cache / "models--timm--mobilenetv2_050.lamb_in1k" / "snapshots")), path
     assert not rest and "timm/mobilenetv2_140.ra_in1k" in error and "HF_HUB_OFFLINE" in error and str(cache) in error
+    assert damaged in damaged_error and "does not match its LFS SHA-256" in damaged_error, damaged_error
 
     config = config_lib.from_dict(json.loads((tmp_path / "loaded.json").read_text()))
     assert (config.model.width, config.model.num_classes, config.resolution) == (0.5, 1000, 224)

@@ -62,8 +62,8 @@ EXPECTED_SCRIPT = """\
 set -uo pipefail
 # SLURM may signal this shell (preemption, scancel --full or --batch): it passes the signal on to the
 # training and waits for it to checkpoint.
-trap 'echo "SIGTERM or SIGUSR1: passed on to the training, which checkpoints and stops" >&2; [ -n "${{pid:-}}" ] \
-&& kill -s "$forward" "$pid" 2>/dev/null' TERM USR1
+trap 'echo "SIGTERM or SIGUSR1: passed on to the training, which checkpoints and stops" >&2; if [ -n "${{pid:-}}" ]; \
+then kill -s "$forward" "$pid" 2>/dev/null; else signalled=1; fi' TERM USR1
 cd {chdir}
 source .venv/bin/activate
 export MNV2_DISTRIBUTED=1
@@ -71,6 +71,8 @@ forward=USR1  # srun turns a SIGTERM into SIGKILL of its tasks; it passes SIGUSR
 srun --kill-on-bad-exit=1 mnv2 train --config configs/imagenet.py --workdir /shared/workdirs/imagenet \
 '--config.model.stage_expansion=(1,4,4,6,6,6,6)' &
 pid=$!
+# a signal that came before $pid was set is passed on now
+[ -n "${{signalled:-}}" ] && kill -s "$forward" "$pid" 2>/dev/null
 # a trapped signal ends `wait` early: wait again until the training has exited, then take its status
 while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
 wait "$pid"
@@ -352,6 +354,15 @@ def test_sbatch_script_passes_its_own_sigterm_on_and_requeues(tmp_path, nodes, f
             srun_args[:4] == ["--overlap", "--ntasks=1", "bash", "-c"]
             and "MNV2_DISTRIBUTED=\n" in (tmp_path / "srun.env").read_text()
         )
+
+
+def test_a_signal_to_the_batch_shell_before_the_training_started_is_passed_on_once_it_has(tmp_path):
+    """SLURM may signal the batch shell before `$pid` is set (a preemption at start-up): the signal is not lost."""
+    waits = "trap 'echo TERM > \"$STUB_DIR/signal\"; exit 143' TERM; sleep 10 & wait; exit 1"
+    job_ = slurm.SlurmJob(job_name="j", nodes=1, setup=("kill -TERM $$",))
+    done = run_script(tmp_path, job_, SRUN, command=["bash", "-c", waits])
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "scontrol.args").read_text().splitlines() == ["requeue", "777"]
 
 
 # SLURM: submission with a stub sbatch

@@ -67,44 +67,43 @@ def test_unknown_names_and_offline_downloads_are_one_line_errors(mnv2, cache, tm
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
 
 
-def _slim_like_archive(config, variables, tmp_path) -> bytes:
-    """Our float TFLite export of `variables`, packed the way the slim release packs its models."""
-    from mnv2_jax.export import routes
-
-    routes.export(config, variables, "tflite", str(tmp_path / "model.tflite"))
+def _slim_like_archive(model_file) -> bytes:
+    """`model_file` packed the way the slim release packs its uint8 models (`quantized_v2_224_100.tgz`)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        archive.add(tmp_path / "model.tflite", "./mobilenet_v2_0.35_96.tflite")
-        info = tarfile.TarInfo("./mobilenet_v2_0.35_96_info.txt")
-        archive.addfile(info, io.BytesIO(b""))
+        archive.add(model_file, "v2_224_100/model.tflite")
+        archive.addfile(tarfile.TarInfo("v2_224_100/labels.txt"), io.BytesIO(b""))
     return buffer.getvalue()
 
 
 @pytest.mark.slow
-def test_import_by_name_downloads_verifies_converts_and_then_works_offline(mnv2, cache, tmp_path, monkeypatch):
-    """`mnv2 import mobilenet_v2_0.35_96` from a mirror serving a slim-like .tgz: the config is derived (0.35/96,
-    1001 classes), the logits are the exported model's, the digest is recorded; later imports use the cache offline,
-    and a file that changes on the server afterwards is refused."""
+def test_import_by_name_downloads_verifies_converts_and_then_works_offline(
+    mnv2, cache, shared_data, tmp_path, monkeypatch
+):
+    """`mnv2 import mobilenet_v2_1.0_224_quant` from a mirror serving the authors' uint8 model packed as the slim
+    release packs it: the config is derived (1.0/224, 1001 classes), the variables are the TFLite importer's, the
+    digest is recorded; later imports use the cache offline, and a cached file that changed is refused."""
     require("ai_edge_litert")
-    from export_helpers import jax_logits, random_inputs, random_variables
+    import jax
 
     from mnv2_jax import inference
+    from mnv2_jax.convert.importers import import_variables
     from mnv2_jax.weights import pretrained
 
-    entry = registry.get("mobilenet_v2_0.35_96")
-    variables = random_variables(entry.config())
-    archive = _slim_like_archive(entry.config(), variables, tmp_path)
+    entry = registry.get("mobilenet_v2_1.0_224_quant")
+    model_file = shared_data / "coral" / "mobilenet_v2_1.0_224_quant.tflite"
+    archive = _slim_like_archive(model_file)
     with serve({mirror_path(entry.url): archive}) as origin:
         monkeypatch.setenv("MNV2_WEIGHTS_MIRROR", origin.url(""))
         status, _, err = mnv2("import", entry.name, "--workdir", tmp_path / "imported")
         assert status == 0, err
         assert [path for path, _ in origin.requests] == [mirror_path(entry.url)]
     config, _, imported = inference.load_classifier(str(tmp_path / "imported"))
-    assert (config.model.width, config.resolution, config.model.num_classes) == (0.35, 96, 1001)
-    images = random_inputs(config)
-    np.testing.assert_allclose(
-        jax_logits(config, imported, images), jax_logits(config, variables, images), rtol=1e-5, atol=1e-4
-    )
+    assert (config.model.width, config.resolution, config.model.num_classes) == (1.0, 224, 1001)
+    expected = import_variables("tflite", str(model_file), entry.config())
+    leaves = jax.tree_util.tree_leaves_with_path(imported)
+    for (path, leaf), want in zip(leaves, jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(leaf), want, err_msg=jax.tree_util.keystr(path))
     record = download.cached_path(entry.url).with_name(download.cached_path(entry.url).name + ".sha256")
     assert record.read_text().strip() == hashlib.sha256(archive).hexdigest()
 
@@ -120,39 +119,41 @@ def test_import_by_name_downloads_verifies_converts_and_then_works_offline(mnv2,
 
 @pytest.mark.slow
 def test_a_linear_probe_from_a_name_trains_the_head_only(
-    mnv2, cache, shared_data, fashion_mnist_files, tmp_path, monkeypatch
+    cache, shared_data, fashion_mnist_files, tmp_path, monkeypatch
 ):
-    """`mnv2 train --config.init_from=coral_mobilenet_v2_1.0_224_quant --config.fine_tune.linear_probe=True` on
-    Fashion-MNIST, the weights fetched from a mirror: the backbone (weights and batch-norm statistics) ends bitwise
-    equal to the import, the 10-class head (the source has 1001) trains and beats chance (10%) on 400 test images."""
+    """`--config.init_from=coral_mobilenet_v2_1.0_224_quant --config.fine_tune.linear_probe=True` on Fashion-MNIST
+    (the quickstart's data), the weights fetched from a mirror: the backbone (weights and batch-norm statistics)
+    ends bitwise equal to the import, the 10-class head (the source has 1001) trains and beats chance (10%) on 400
+    test images. One device, as `mnv2 train` on a CPU."""
+    import jax
     from datasets import fashion_mnist_imagefolder
     from train_helpers import saved_state
 
+    from mnv2_jax.cli import common
+    from mnv2_jax.training import train
     from mnv2_jax.weights import pretrained
 
     dataset = fashion_mnist_imagefolder(fashion_mnist_files, tmp_path / "images", {"train": 1000, "test": 400})
+    config = common.config_from_spec(
+        "configs/quickstart.py:width=1.0,resolution=64",
+        f"--config.dataset={dataset}",
+        f"--config.init_from={CORAL}",
+        "--config.fine_tune.linear_probe=True",
+        "--config.num_train_steps=20",
+        "--config.batch_size=32",
+        "--config.optimizer.base_batch_size=32",
+        "--config.optimizer.learning_rate=0.03",
+        "--config.optimizer.warmup_epochs=0",
+        "--config.eval_batch_size=200",
+        "--config.data.cache=False",
+    )
     entry = registry.get(CORAL)
     model_file = shared_data / "coral" / "mobilenet_v2_1.0_224_quant.tflite"
     with serve({mirror_path(entry.url): model_file.read_bytes()}) as origin:
         monkeypatch.setenv("MNV2_WEIGHTS_MIRROR", origin.url(""))
-        status, _, err = mnv2(
-            "train",
-            "--config",
-            "configs/quickstart.py:width=1.0,resolution=64",
-            "--workdir",
-            tmp_path / "probe",
-            f"--config.dataset={dataset}",
-            f"--config.init_from={CORAL}",
-            "--config.fine_tune.linear_probe=True",
-            "--config.num_train_steps=20",
-            "--config.batch_size=32",
-            "--config.optimizer.base_batch_size=32",
-            "--config.optimizer.learning_rate=0.03",
-            "--config.optimizer.warmup_epochs=0",
-            "--config.eval_batch_size=200",
-            "--config.data.cache=False",
-        )
-    assert status == 0, err
+        pretrained.load.cache_clear()
+        train.train_and_evaluate(config, str(tmp_path / "probe"), devices=jax.devices()[:1])
+        assert [path for path, _ in origin.requests] == [mirror_path(entry.url)]
     imported, _ = pretrained.load(CORAL)
     _, saved = saved_state(tmp_path / "probe")
     loaded = {f"{c}/{name}": leaf for c in ("params", "batch_stats") for name, leaf in _names(imported[c]).items()}

@@ -26,7 +26,7 @@ from train_helpers import assert_bitwise_equal, saved_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm_cluster")]
 
-STEPS = 8
+STEPS = 12
 # Evaluations at steps 3, 6 and 8, every step logged (the tests wait for logged steps).
 RUN = {"num_train_steps": STEPS, "eval_every_epochs": 0.6, "log_every_steps": 1, "checkpoint_every_steps": 100}
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")

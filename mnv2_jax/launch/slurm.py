@@ -202,10 +202,12 @@ def sbatch_script(job: SlurmJob, command: Sequence[str], chdir: str) -> str:
         "# SLURM may signal this shell (preemption, scancel --full or --batch): it passes the signal on to the",
         "# training and waits for it to checkpoint.",
         'trap \'echo "SIGTERM or SIGUSR1: passed on to the training, which checkpoints and stops" >&2;'
-        ' [ -n "${pid:-}" ] && kill -s "$forward" "$pid" 2>/dev/null\' TERM USR1',
+        ' if [ -n "${pid:-}" ]; then kill -s "$forward" "$pid" 2>/dev/null; else signalled=1; fi\' TERM USR1',
         f"cd {shlex.quote(chdir)}",
         *job.setup,
         *_launch_lines(job, list(command)),
+        "# a signal that came before $pid was set is passed on now",
+        '[ -n "${signalled:-}" ] && kill -s "$forward" "$pid" 2>/dev/null',
         "# a trapped signal ends `wait` early: wait again until the training has exited, then take its status",
         'while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done',
         'wait "$pid"',

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +27,7 @@ from mnv2_jax.convert.importers import import_variables
 from mnv2_jax.convert.layout import listing
 from mnv2_jax.export.hf_hub import CONFIG_FILE, LAYOUTS, MEAN_STD, SECTION, WEIGHTS_FILE
 from mnv2_jax.models import abstract_variables
-from mnv2_jax.weights import registry
+from mnv2_jax.weights import download, registry
 
 PREFIX = registry.HF_HUB_PREFIX
 FLAX_FORMAT = "mnv2-flax"  # our Flax variables flattened by name (`params/Conv/kernel`), not an importer's format
@@ -142,6 +143,18 @@ def _apply_model_args(model: ml_collections.ConfigDict, args: Mapping[str, Any],
         model.bn_epsilon = float(args["bn_eps"])
 
 
+def _verified(path: str, spec: str) -> str:
+    """`path`, a file in the Hub cache, checked against the SHA-256 its blob is named by (the Hub's LFS files: the
+    safetensors); other blobs are named by git's SHA-1 and are left as they are."""
+    blob = os.path.realpath(path)
+    digest = os.path.basename(blob)
+    if re.fullmatch(r"[0-9a-f]{64}", digest) and download.sha256_of(blob) != digest:
+        raise ConversionError(
+            f"{spec}: {blob} does not match its LFS SHA-256 (a damaged or changed download); delete it and fetch again"
+        )
+    return path
+
+
 def _fetch(spec: str, filename: str) -> str:
     """The local path of `filename` of `spec`: in its folder, or downloaded into (or found in) the Hub cache."""
     if not spec.startswith(PREFIX):
@@ -159,7 +172,7 @@ def _fetch(spec: str, filename: str) -> str:
         raise ConversionError(f"{spec}: Hub repositories need huggingface_hub (pip install huggingface_hub)") from None
     http_error = getattr(errors, "HTTPError", OSError)  # httpx's from huggingface_hub 1.0; before, requests' (OSError)
     try:
-        return hf_hub_download(repo_id, filename, revision=revision or None)
+        return _verified(hf_hub_download(repo_id, filename, revision=revision or None), spec)
     except (OSError, ValueError, http_error, errors.EntryNotFoundError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
         at = f" --revision {revision}" if revision else ""

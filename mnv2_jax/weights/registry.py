@@ -7,7 +7,8 @@ accuracies are the publishers' figures (`../shared/reference/mobilenet_v2.md` §
 Checksums: torchvision's file names carry the first 8 hex digits of the file's SHA-256 (torch.hub checks the same
 prefix); the google-coral files are hashed from `../shared/data/coral` (the same commit as the URLs); the slim
 release and Keras publish none, so their digest is recorded at the first download and every later use is checked
-against it (`mnv2_jax.weights.download`); the Hub's files are content-addressed by huggingface_hub.
+against it (`mnv2_jax.weights.download`); the Hub's safetensors are checked against the LFS SHA-256 that
+huggingface_hub names their cached blob by (`mnv2_jax.weights.hf_hub`).
 """
 
 from __future__ import annotations

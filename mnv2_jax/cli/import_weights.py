@@ -7,7 +7,6 @@ mnv2 import --list                               the names, their sizes and publ
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -20,28 +19,25 @@ from mnv2_jax.convert.importers import FORMATS, import_variables
 from mnv2_jax.weights import download, pretrained, registry
 
 
-@functools.cache
-def _parameter_count(task: str, width: float, num_classes: int, divisible_by: int) -> int:
-    entry = next(e for e in registry.REGISTRY.values() if e.fmt != "hf-hub" and e.task == task)
-    config = entry.config()
-    config.model.update(width=width, num_classes=num_classes, divisible_by=divisible_by, min_depth=divisible_by)
-    model = tasks.get(config).build_model()
-    shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes["params"]))
-
-
-def _size(entry: registry.Weights) -> str:
+def _size(entry: registry.Weights, counted: dict) -> str:
+    """Parameters of the entry's model; models that differ only in resolution are counted once."""
     if entry.fmt == "hf-hub":
         return ""
-    model = entry.config().model
-    return f"{_parameter_count(entry.task, model.width, model.num_classes, model.divisible_by) / 1e6:.2f}M"
+    config = entry.config()
+    key = (entry.task, config.model.width, config.model.num_classes, config.model.divisible_by)
+    if key not in counted:
+        model = tasks.get(config).build_model()
+        shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
+        counted[key] = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes["params"]))
+    return f"{counted[key] / 1e6:.2f}M"
 
 
 def listing() -> str:
     """One line per registry name: its model's parameters, where its checksum comes from, published accuracy."""
     rows = [f"{'name':<44} {'task':<14} {'params':>7}  {'checksum':<26} published", "-" * 120]
+    counted: dict = {}
     for entry in registry.REGISTRY.values():
-        params = _size(entry)
+        params = _size(entry, counted)
         cached = "" if entry.fmt == "hf-hub" or not download.cached_path(entry.url).exists() else " (cached)"
         rows.append(f"{entry.name:<44} {entry.task:<14} {params:>7}  {entry.checksum:<26} {entry.metric}{cached}")
     rows.append(f"cache: {download.cache_dir()} (MNV2_CACHE); also any hf-hub:<repo> of a timm MobileNetV2")
@@ -66,8 +62,6 @@ def main(argv: list[str]) -> None:
     if fv.workdir is None or len(paths) != 1:
         raise common.UsageError(usage)
     if fv["from"].value is None:
-        if not registry.is_name(paths[0]):
-            registry.get(paths[0])  # the one-line error with the closest names
         if config_flag.value is not None:
             raise common.UsageError(f"{paths[0]} derives its config; --config goes with --from FORMAT FILE")
         variables, config = pretrained.load(paths[0])
